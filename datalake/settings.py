@@ -1,0 +1,258 @@
+"""The one environment resolver.
+
+Nothing else in the code location reads environment variables: every setting — the
+source connection, the storage root of each asset group, partitioning, extraction
+lag and batch sizes — is derived here from ``DATALAKE_ENV`` (``local`` by default,
+or ``prod``) and the variables listed in ``.env.example``.
+
+Secrets are never read here: they are handed to resources as ``dg.EnvVar`` so they
+are resolved at run launch and masked in the UI. The resolver only checks that
+they are *present* where they are required.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+# Asset groups. Each group has its own storage root.
+BRONZE = "bronze"
+SILVER = "silver"
+VANGUARD_WHOLESALE = "vanguard_wholesale"
+GROUPS: tuple[str, ...] = (BRONZE, SILVER, VANGUARD_WHOLESALE)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REGISTRY = Path(__file__).resolve().parent / "registry.yaml"
+
+# Names of the secret variables: resources receive dg.EnvVar(name), never the value.
+MYSQL_PASSWORD_VAR = "DATALAKE_MYSQL_PASSWORD"
+AZURE_ACCOUNT_KEY_VAR = "DATALAKE_AZURE_ACCOUNT_KEY"
+AZURE_SAS_TOKEN_VAR = "DATALAKE_AZURE_SAS_TOKEN"
+
+
+class Environment(StrEnum):
+    LOCAL = "local"
+    PROD = "prod"
+
+
+class SettingsError(ValueError):
+    """Raised when the environment cannot produce valid settings; names every bad variable."""
+
+    def __init__(self, environment: str, problems: Mapping[str, str]):
+        self.problems = dict(problems)
+        lines = "\n".join(f"  - {var}: {why}" for var, why in sorted(self.problems.items()))
+        super().__init__(
+            f"DATALAKE_ENV={environment}: {len(self.problems)} setting(s) missing or invalid "
+            f"({', '.join(sorted(self.problems))}):\n{lines}\nSee .env.example for every variable."
+        )
+
+
+@dataclass(frozen=True)
+class MySQLSettings:
+    host: str
+    port: int
+    user: str
+    # Whether DATALAKE_MYSQL_PASSWORD is set; the value itself reaches the resource as an EnvVar.
+    has_password: bool
+    ssl_ca: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where the V3 source is: a MySQL server, or the embedded demo database (SQLite)."""
+
+    mysql: MySQLSettings | None
+    demo_dir: Path | None
+    demo_cdr_rows: int = 20_000
+    demo_seed: int = 42
+
+    @property
+    def kind(self) -> str:
+        return "mysql" if self.mysql is not None else "demo"
+
+
+@dataclass(frozen=True)
+class AzureSettings:
+    """Credentials for abfs:// roots. Exactly how they are used lives in the storage layer."""
+
+    has_account_key: bool = False
+    has_sas_token: bool = False
+    use_default_credential: bool = False
+    # Custom blob endpoint (Azurite, sovereign clouds); None = https://<account>.blob.core.windows.net
+    blob_endpoint: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.has_account_key or self.has_sas_token or self.use_default_credential
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: Environment
+    source: SourceSettings
+    storage_roots: Mapping[str, str]
+    azure: AzureSettings
+    partition_start: dt.date
+    timezone: str
+    extract_lag_seconds: float
+    batch_size: int
+    registry_path: Path
+    bronze_cron: str
+    v3_pool: str = "v3_mysql"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def root(self, group: str) -> str:
+        return self.storage_roots[group]
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def _root_var(group: str) -> str:
+    return f"DATALAKE_ROOT_{group.upper()}"
+
+
+def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings for the environment named by ``DATALAKE_ENV``.
+
+    Collects every problem before failing, so one error names each missing or invalid variable.
+    """
+    env = os.environ if environ is None else environ
+    problems: dict[str, str] = {}
+
+    def get(name: str) -> str | None:
+        value = env.get(name)
+        return value.strip() if value is not None and value.strip() != "" else None
+
+    raw_env = (get("DATALAKE_ENV") or Environment.LOCAL.value).lower()
+    try:
+        environment = Environment(raw_env)
+    except ValueError:
+        raise SettingsError(
+            raw_env, {"DATALAKE_ENV": f"must be one of {[e.value for e in Environment]}, got {raw_env!r}"}
+        ) from None
+    prod = environment is Environment.PROD
+
+    def require(name: str) -> str | None:
+        value = get(name)
+        if value is None and prod:
+            problems[name] = "required in prod"
+        return value
+
+    def parse_int(name: str, default: int, minimum: int = 1) -> int:
+        value = get(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            problems[name] = f"must be an integer, got {value!r}"
+            return default
+        if number < minimum:
+            problems[name] = f"must be >= {minimum}, got {number}"
+        return number
+
+    # --- source -------------------------------------------------------------------
+    host = require("DATALAKE_MYSQL_HOST")
+    mysql: MySQLSettings | None = None
+    demo_dir: Path | None = None
+    if host is not None or prod:
+        user = require("DATALAKE_MYSQL_USER")
+        if get(MYSQL_PASSWORD_VAR) is None and prod:
+            problems[MYSQL_PASSWORD_VAR] = "required in prod"
+        if host is not None and user is None:
+            problems.setdefault("DATALAKE_MYSQL_USER", "required when DATALAKE_MYSQL_HOST is set")
+        mysql = MySQLSettings(
+            host=host or "",
+            port=parse_int("DATALAKE_MYSQL_PORT", 3306),
+            user=user or "",
+            has_password=get(MYSQL_PASSWORD_VAR) is not None,
+            ssl_ca=get("DATALAKE_MYSQL_SSL_CA"),
+            ssl_cert=get("DATALAKE_MYSQL_SSL_CERT"),
+            ssl_key=get("DATALAKE_MYSQL_SSL_KEY"),
+        )
+        if (mysql.ssl_cert is None) != (mysql.ssl_key is None):
+            problems["DATALAKE_MYSQL_SSL_CERT"] = "DATALAKE_MYSQL_SSL_CERT and _SSL_KEY go together"
+    else:
+        demo_dir = Path(get("DATALAKE_DEMO_DIR") or REPO_ROOT / "tmp" / "demo_source")
+    source = SourceSettings(
+        mysql=mysql,
+        demo_dir=demo_dir,
+        demo_cdr_rows=parse_int("DATALAKE_DEMO_CDR_ROWS", 20_000),
+        demo_seed=parse_int("DATALAKE_DEMO_SEED", 42, minimum=0),
+    )
+
+    # --- storage ------------------------------------------------------------------
+    roots: dict[str, str] = {}
+    for group in GROUPS:
+        value = require(_root_var(group))
+        roots[group] = value or str(REPO_ROOT / "tmp" / "dagster_data" / group)
+
+    azure = AzureSettings(
+        has_account_key=get(AZURE_ACCOUNT_KEY_VAR) is not None,
+        has_sas_token=get(AZURE_SAS_TOKEN_VAR) is not None,
+        use_default_credential=(get("DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL") or "false").lower()
+        in {"1", "true", "yes"},
+        blob_endpoint=get("DATALAKE_AZURE_BLOB_ENDPOINT"),
+    )
+    azure_groups = [g for g in GROUPS if roots[g].startswith(("abfs://", "abfss://", "az://"))]
+    if azure_groups and not azure.configured:
+        problems[AZURE_ACCOUNT_KEY_VAR] = (
+            f"root(s) of {', '.join(azure_groups)} are on Azure: set {AZURE_ACCOUNT_KEY_VAR}, "
+            f"{AZURE_SAS_TOKEN_VAR} or DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL=true"
+        )
+
+    # --- partitions and extraction ------------------------------------------------
+    start_raw = require("DATALAKE_PARTITION_START")
+    partition_start = dt.date(2025, 1, 1)
+    if start_raw is not None:
+        try:
+            partition_start = dt.date.fromisoformat(start_raw)
+        except ValueError:
+            problems["DATALAKE_PARTITION_START"] = f"must be YYYY-MM-DD, got {start_raw!r}"
+
+    timezone = get("DATALAKE_TIMEZONE") or "UTC"
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems["DATALAKE_TIMEZONE"] = f"unknown IANA time zone {timezone!r}"
+        timezone = "UTC"
+
+    lag_raw = get("DATALAKE_EXTRACT_LAG_SECONDS")
+    lag = 5.0
+    if lag_raw is not None:
+        try:
+            lag = float(lag_raw)
+            if lag < 0:
+                raise ValueError
+        except ValueError:
+            problems["DATALAKE_EXTRACT_LAG_SECONDS"] = f"must be a non-negative number, got {lag_raw!r}"
+
+    registry_path = Path(get("DATALAKE_REGISTRY") or DEFAULT_REGISTRY)
+    if not registry_path.is_file():
+        problems["DATALAKE_REGISTRY"] = f"no such file: {registry_path}"
+
+    settings = Settings(
+        environment=environment,
+        source=source,
+        storage_roots=roots,
+        azure=azure,
+        partition_start=partition_start,
+        timezone=timezone,
+        extract_lag_seconds=lag,
+        batch_size=parse_int("DATALAKE_BATCH_SIZE", 50_000),
+        registry_path=registry_path,
+        bronze_cron=get("DATALAKE_BRONZE_CRON") or "15 * * * *",
+        v3_pool=get("DATALAKE_V3_POOL") or "v3_mysql",
+    )
+    if problems:
+        raise SettingsError(environment.value, problems)
+    return settings

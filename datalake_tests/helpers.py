@@ -1,0 +1,36 @@
+"""Shared test helpers (no fixtures here: those live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every variable prod requires, with a valid value; tests drop one at a time.
+PROD_ENV: dict[str, str] = {
+    "DATALAKE_ENV": "prod",
+    "DATALAKE_MYSQL_HOST": "v3-replica.internal",
+    "DATALAKE_MYSQL_USER": "datalake_ro",
+    "DATALAKE_MYSQL_PASSWORD": "s3cret-never-logged",
+    "DATALAKE_ROOT_BRONZE": "/opt/dagster/shared-data/bronze",
+    "DATALAKE_ROOT_SILVER": "/opt/dagster/shared-data/silver",
+    "DATALAKE_ROOT_VANGUARD_WHOLESALE": "/opt/dagster/shared-data/vanguard_wholesale",
+    "DATALAKE_PARTITION_START": "2024-01-01",
+}
+
+
+def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The process environment without any DATALAKE_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATALAKE_")}
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=dict(env), capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,94 @@
+"""The environment resolver and definition loading in each environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from datalake.definitions import build_definitions
+from datalake.settings import GROUPS, REPO_ROOT, Environment, SettingsError, resolve_settings
+from datalake_tests.helpers import PROD_ENV, clean_environ, run_cli
+
+
+def test_local_defaults_use_the_repo_lake_and_the_demo_source() -> None:
+    settings = resolve_settings({})
+    assert settings.environment is Environment.LOCAL
+    assert settings.source.kind == "demo"
+    assert settings.source.demo_dir == REPO_ROOT / "tmp" / "demo_source"
+    for group in GROUPS:
+        assert settings.root(group) == str(REPO_ROOT / "tmp" / "dagster_data" / group)
+    defs = build_definitions(settings)
+    assert defs.resolve_job_def("bronze_job") is not None
+
+
+def test_local_with_mysql_settings_uses_that_mysql() -> None:
+    settings = resolve_settings(
+        {"DATALAKE_MYSQL_HOST": "127.0.0.1", "DATALAKE_MYSQL_USER": "me", "DATALAKE_MYSQL_PORT": "3307"}
+    )
+    assert settings.source.kind == "mysql"
+    assert settings.source.mysql is not None and settings.source.mysql.port == 3307
+    resources = build_definitions(settings).resources
+    assert resources["v3_source"].kind == "mysql"  # type: ignore[union-attr]
+
+
+def test_prod_with_every_variable_loads() -> None:
+    settings = resolve_settings(PROD_ENV)
+    assert settings.environment is Environment.PROD
+    assert settings.root("bronze") == "/opt/dagster/shared-data/bronze"
+    defs = build_definitions(settings)
+    # The password reaches the resource as an EnvVar, never as its value.
+    source = defs.resources["v3_source"]
+    assert "s3cret" not in repr(source)
+
+
+@pytest.mark.parametrize("missing", sorted(k for k in PROD_ENV if k != "DATALAKE_ENV"))
+def test_prod_missing_one_variable_fails_naming_it(missing: str) -> None:
+    env = {k: v for k, v in PROD_ENV.items() if k != missing}
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(env)
+    assert set(info.value.problems) == {missing}
+    assert missing in str(info.value)
+
+
+def test_prod_with_nothing_set_names_every_required_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        resolve_settings({"DATALAKE_ENV": "prod"})
+    assert set(info.value.problems) == set(PROD_ENV) - {"DATALAKE_ENV"}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATALAKE_BATCH_SIZE", "lots"),
+        ("DATALAKE_BATCH_SIZE", "0"),
+        ("DATALAKE_TIMEZONE", "Mars/Olympus"),
+        ("DATALAKE_PARTITION_START", "01/02/2024"),
+        ("DATALAKE_EXTRACT_LAG_SECONDS", "-1"),
+        ("DATALAKE_REGISTRY", "/no/such/registry.yaml"),
+    ],
+)
+def test_invalid_values_are_named(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        resolve_settings({variable: value})
+    assert set(info.value.problems) == {variable}
+
+
+def test_unknown_environment_is_rejected() -> None:
+    with pytest.raises(SettingsError, match="DATALAKE_ENV"):
+        resolve_settings({"DATALAKE_ENV": "staging"})
+
+
+def test_azure_root_without_credentials_is_rejected() -> None:
+    with pytest.raises(SettingsError) as info:
+        resolve_settings({"DATALAKE_ROOT_SILVER": "abfs://lake@acct.dfs.core.windows.net/silver"})
+    assert "DATALAKE_AZURE_ACCOUNT_KEY" in info.value.problems
+
+
+def test_dagster_loads_the_module_in_local_and_refuses_prod_with_a_missing_variable() -> None:
+    """The real loader (`dagster definitions validate`), as `dagster dev` and the code server use it."""
+    ok = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], clean_environ())
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    env = clean_environ({k: v for k, v in PROD_ENV.items() if k != "DATALAKE_ROOT_SILVER"})
+    failed = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], env)
+    assert failed.returncode != 0
+    assert "DATALAKE_ROOT_SILVER" in failed.stdout + failed.stderr
+    assert "s3cret" not in failed.stdout + failed.stderr

@@ -1,0 +1,62 @@
+"""Shared fixtures. The service machinery lives in ``services.py``; this file only wires it to pytest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from datalake_tests.services import (
+    AzuriteServer,
+    ManagedServer,
+    MariaDBServer,
+    PostgresServer,
+    ServiceStartError,
+    start_azurite,
+    start_mariadb,
+    start_postgres,
+)
+
+_S = TypeVar("_S", bound=ManagedServer)
+
+
+def _serve(start: Callable[[Path], _S], name: str, factory: pytest.TempPathFactory) -> Iterator[_S]:
+    """Start a service for the session, stop it (by PID) and drop its data at the end.
+
+    Locally a missing service skips the tests that need it; in CI it must not
+    silently shrink the suite, so it fails them instead.
+    """
+    problem = ""
+    try:
+        server = start(factory.mktemp(name))
+    except ServiceStartError as exc:
+        # Reported after the except block, so the report is not cluttered with a chained traceback.
+        problem = f"{name} could not be started: {exc}"
+        server = None
+    if server is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:
+    yield from _serve(start_mariadb, "mariadb", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    yield from _serve(start_postgres, "postgres", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    yield from _serve(start_azurite, "azurite", tmp_path_factory)

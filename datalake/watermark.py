@@ -1,0 +1,56 @@
+"""Watermarks live in the bronze asset's materialization metadata.
+
+The committed watermark of a table is the ``datalake/watermark`` entry of its asset's
+latest materialization that carries one. The bronze IO manager writes that entry only
+after the Parquet file is durably in the lake, and Dagster records the materialization
+only after the IO manager returns — so the commit rides on the materialization event and
+a crash anywhere before it leaves the previous watermark in force (the window is read
+again: at-least-once, never a gap). Backfills and explicit windows carry no entry, so they
+neither read nor move it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import dagster as dg
+
+from datalake.specs import CursorKind
+
+WATERMARK_KEY = "datalake/watermark"
+_PAGE = 100
+
+
+def encode_watermark(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return str(int(value))
+
+
+def decode_watermark(text: str, kind: CursorKind) -> Any:
+    if kind is CursorKind.INTEGER:
+        return int(text)
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+class WatermarkResource(dg.ConfigurableResource):
+    """Reads committed watermarks from the instance's event log (PostgreSQL in production)."""
+
+    def committed(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey, kind: CursorKind) -> Any:
+        cursor: str | None = None
+        while True:
+            page = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=asset_key), limit=_PAGE, cursor=cursor, ascending=False
+            )
+            for record in page.records:
+                materialization = record.asset_materialization
+                entry = materialization.metadata.get(WATERMARK_KEY) if materialization else None
+                if entry is not None and isinstance(entry.value, str):
+                    return decode_watermark(entry.value, kind)
+            if not page.has_more:
+                return None
+            cursor = page.cursor

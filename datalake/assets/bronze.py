@@ -1,0 +1,152 @@
+"""Bronze: one daily-partitioned asset per registry entry (partition = ingestion date).
+
+Which window a run reads (DESIGN §3.3):
+- the current ingestion date, not part of a backfill → incremental [watermark, source now − lag);
+  the watermark is committed by the materialization;
+- any other date, or any run of a backfill → the stateless window [D, D+1) in the lake's time
+  zone over the table's date column; the watermark is neither read nor moved;
+- run config (launchpad) can force a full refresh, an explicit window, or a starting watermark.
+"""
+
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Literal
+
+import dagster as dg
+
+from datalake.extract import Extraction, Window, WindowKind, extract
+from datalake.settings import Settings
+from datalake.source import V3SourceResource
+from datalake.specs import CursorKind, Mode, TableSpec
+from datalake.watermark import WatermarkResource, decode_watermark
+
+BACKFILL_TAG = "dagster/backfill"
+
+# Transient source faults (connection lost, lock wait) are retried with back-off; a run that
+# fails for good commits no watermark, so the next run reads the same window again.
+BRONZE_RETRY = dg.RetryPolicy(max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+class BronzeRunConfig(dg.Config):
+    """Operator controls, offered in the launchpad."""
+
+    mode: Literal["auto", "incremental", "full_refresh", "window"] = "auto"
+    # mode=window: explicit [window_start, window_end) over the cursor (ISO timestamp or integer);
+    # stateless like a backfill.
+    window_start: str | None = None
+    window_end: str | None = None
+    # Start this incremental run from this watermark instead of the committed one (set/reset).
+    set_watermark: str | None = None
+
+
+def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
+    # end_offset=1: today's partition exists, so the incremental run of the day has a key.
+    return dg.DailyPartitionsDefinition(
+        start_date=settings.partition_start.isoformat(), timezone=settings.timezone, end_offset=1
+    )
+
+
+def _day_bounds(partition_key: str, settings: Settings) -> tuple[dt.datetime, dt.datetime]:
+    day = dt.date.fromisoformat(partition_key)
+    start = dt.datetime.combine(day, dt.time(), tzinfo=settings.tz)
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=settings.tz)
+    return start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+
+
+def _bound(text: str | None, kind: CursorKind) -> object:
+    return None if text is None else decode_watermark(text, kind)
+
+
+def plan_window(
+    spec: TableSpec,
+    config: BronzeRunConfig,
+    partition_key: str,
+    *,
+    is_backfill: bool,
+    settings: Settings,
+    committed: Callable[[], object],
+    today: dt.date,
+) -> Window:
+    """The window this run reads. ``committed`` is called only when the watermark is needed."""
+    if spec.mode is Mode.SNAPSHOT:
+        return Window(WindowKind.SNAPSHOT)
+    assert spec.cursor is not None
+    kind = spec.cursor.kind
+    mode = config.mode
+    if mode == "auto":
+        mode = "window" if is_backfill or partition_key != today.isoformat() else "incremental"
+    if mode == "full_refresh":
+        return Window(WindowKind.FULL_REFRESH, column=spec.cursor.column)
+    if mode == "incremental":
+        lo = _bound(config.set_watermark, kind) if config.set_watermark is not None else committed()
+        return Window(WindowKind.INCREMENTAL, column=spec.cursor.column, lo=lo)
+    if config.window_start is not None or config.window_end is not None:
+        return Window(
+            WindowKind.EXPLICIT,
+            column=spec.cursor.column,
+            lo=_bound(config.window_start, kind),
+            hi=_bound(config.window_end, kind),
+        )
+    lo, hi = _day_bounds(partition_key, settings)
+    return Window(WindowKind.BACKFILL, column=spec.window_column, lo=lo, hi=hi)
+
+
+def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:
+    batch_size = spec.batch_size or settings.batch_size
+    key = dg.AssetKey(["bronze", spec.asset_name])
+
+    @dg.asset(
+        key=key,
+        group_name=spec.group,
+        description=spec.description or f"{spec.qualified_name}, extracted {spec.mode.value} into append-only Parquet.",
+        partitions_def=daily_partitions(settings),
+        io_manager_key="bronze_io_manager",
+        pool=settings.v3_pool,
+        retry_policy=BRONZE_RETRY,
+        kinds={"mysql", "parquet"},
+        metadata={
+            "datalake/source_table": spec.qualified_name,
+            "datalake/primary_key": ", ".join(spec.primary_key),
+            "datalake/mode": spec.mode.value,
+            "datalake/cursor": f"{spec.cursor.column} ({spec.cursor.kind.value})" if spec.cursor else "",
+            "datalake/batch_size": batch_size,
+        },
+        tags={"datalake/source": "v3"},
+    )
+    def _bronze(
+        context: dg.AssetExecutionContext,
+        config: BronzeRunConfig,
+        v3_source: V3SourceResource,
+        watermarks: WatermarkResource,
+    ) -> Extraction:
+        assert spec.cursor is not None or spec.mode is Mode.SNAPSHOT
+        window = plan_window(
+            spec,
+            config,
+            context.partition_key,
+            is_backfill=BACKFILL_TAG in context.run.tags,
+            settings=settings,
+            committed=lambda: watermarks.committed(context.instance, key, spec.cursor.kind),  # type: ignore[union-attr]
+            today=dt.datetime.now(settings.tz).date(),
+        )
+        context.log.info(
+            f"{spec.qualified_name}: {window.kind.value} window lo={window.lo!s} hi={window.hi or 'source now'} "
+            f"from {v3_source.describe()}"
+        )
+        return extract(
+            v3_source.engine(),
+            spec,
+            window,
+            run_id=context.run_id,
+            batch_size=batch_size,
+            lag=dt.timedelta(seconds=settings.extract_lag_seconds),
+            log=context.log.info,
+            source=v3_source.describe(),
+        )
+
+    return _bronze
+
+
+def build_bronze_assets(specs: tuple[TableSpec, ...], settings: Settings) -> list[dg.AssetsDefinition]:
+    return [build_bronze_asset(spec, settings) for spec in specs]

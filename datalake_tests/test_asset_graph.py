@@ -1,0 +1,74 @@
+"""Snapshot of the asset graph: a registry or factory change shows up as a readable diff.
+
+Regenerate after an intended change with ``UPDATE_SNAPSHOTS=1 uv run pytest datalake_tests/test_asset_graph.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from datalake.definitions import build_definitions
+from datalake.settings import resolve_settings
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
+
+
+def _partitions(defn: dg.PartitionsDefinition | None) -> Any:
+    if defn is None:
+        return None
+    if isinstance(defn, dg.TimeWindowPartitionsDefinition):
+        return {
+            "type": type(defn).__name__,
+            "start": defn.start.isoformat(),
+            "timezone": defn.timezone,
+            "cron": defn.cron_schedule,
+            "end_offset": defn.end_offset,
+        }
+    return {"type": type(defn).__name__}
+
+
+def graph() -> dict[str, Any]:
+    defs = build_definitions(resolve_settings({}))
+    asset_graph = defs.resolve_asset_graph()
+    assets: dict[str, Any] = {}
+    for key in sorted(asset_graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = asset_graph.get(key)
+        assets[key.to_user_string()] = {
+            "group": node.group_name,
+            "deps": sorted(p.to_user_string() for p in node.parent_keys),
+            "partitions": _partitions(node.partitions_def),
+            "backfill_policy": str(node.backfill_policy) if node.backfill_policy else None,
+            "pools": sorted(node.pools or []),
+            "kinds": sorted(node.kinds),
+        }
+    jobs = {
+        job.name: sorted(k.to_user_string() for k in job.asset_layer.executable_asset_keys)
+        for job in defs.resolve_all_job_defs()
+        if not job.name.startswith("__")
+    }
+    return {"assets": assets, "jobs": jobs}
+
+
+def test_asset_graph_matches_snapshot() -> None:
+    current = graph()
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    assert SNAPSHOT.exists(), f"no snapshot at {SNAPSHOT}: run with UPDATE_SNAPSHOTS=1 once and commit it"
+    assert current == json.loads(SNAPSHOT.read_text())
+
+
+def test_every_bronze_asset_is_daily_partitioned_and_pooled() -> None:
+    assets = graph()["assets"]
+    bronze = {k: v for k, v in assets.items() if k.startswith("bronze/")}
+    assert len(bronze) >= 12
+    for key, node in bronze.items():
+        assert node["partitions"]["type"] == "DailyPartitionsDefinition", key
+        assert node["pools"] == ["v3_mysql"], key
+    assert assets["silver/fact_invoice"]["deps"] == ["bronze/invoice", "bronze/invoice_data", "bronze/invoice_status"]
+    assert assets["revsci/billing_usage_aggregated"]["group"] == "vanguard_wholesale"

@@ -46,7 +46,9 @@ def _materializations(result: dg.ExecuteInProcessResult) -> list[tuple[str, str,
     return rows
 
 
-def run_demo(settings: Settings, days: int, instance: dg.DagsterInstance) -> list[tuple[str, str, int | None, str]]:
+def run_demo(
+    settings: Settings, days: int, instance: dg.DagsterInstance
+) -> list[tuple[str, str, int | None, str]]:
     defs = build_definitions(settings)
     started = time.monotonic()
     print(f"source: {source_resource(settings).describe()}", flush=True)
@@ -74,11 +76,21 @@ def run_demo(settings: Settings, days: int, instance: dg.DagsterInstance) -> lis
 
 
 def print_summary(rows: Sequence[tuple[str, str, int | None, str]], settings: Settings) -> None:
-    print("\nMaterialized:")
-    width = max(len(r[0]) for r in rows) if rows else 10
-    print(f"  {'asset':<{width}}  {'partition':<10}  {'rows':>10}  location")
+    """One line per asset: partitions written, rows, runs, and where the files are."""
+    by_asset: dict[str, list[tuple[str, int, str]]] = {}
     for asset, partition, count, uri in rows:
-        print(f"  {asset:<{width}}  {partition:<10}  {count if count is not None else '':>10}  {uri}")
+        by_asset.setdefault(asset, []).append((partition, count or 0, uri))
+    print("\nMaterialized:")
+    width = max((len(a) for a in by_asset), default=10)
+    print(f"  {'asset':<{width}}  {'partitions':<24}  {'runs':>4}  {'rows':>9}  location")
+    for asset in sorted(by_asset):
+        entries = by_asset[asset]
+        keys = sorted({p for p, _, _ in entries})
+        span = keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]} ({len(keys)})"
+        total = sum(c for _, c, _ in entries)
+        uri = entries[-1][2]
+        location = uri.split("/ingestion_date=")[0] if "/ingestion_date=" in uri else uri
+        print(f"  {asset:<{width}}  {span:<24}  {len(entries):>4}  {total:>9,}  {location}")
     print("\nStorage roots:")
     for group, root in settings.storage_roots.items():
         print(f"  {group:<20} {root}")
@@ -87,7 +99,9 @@ def print_summary(rows: Sequence[tuple[str, str, int | None, str]], settings: Se
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datalake.cli")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="seed the demo source and run bronze (backfill + incremental), silver, Rev-Sci")
+    demo = sub.add_parser(
+        "demo", help="seed the demo source and run bronze (backfill + incremental), silver, Rev-Sci"
+    )
     demo.add_argument("--days", type=int, default=7, help="bronze partitions to backfill before today")
     args = parser.parse_args(argv)
     settings = resolve_settings()

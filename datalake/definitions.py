@@ -36,7 +36,9 @@ SILVER_REVSCI_JOB = "silver_revsci_job"
 
 def azure_resource(settings: Settings) -> AzureBlobResource:
     azure = settings.azure
-    credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = ADLS2DefaultAzureCredential(kwargs={})
+    credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = ADLS2DefaultAzureCredential(
+        kwargs={}
+    )
     if azure.has_account_key:
         credential = ADLS2Key(key=dg.EnvVar(AZURE_ACCOUNT_KEY_VAR))  # type: ignore[arg-type]
     elif azure.has_sas_token:
@@ -93,6 +95,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         BRONZE_JOB,
         selection=dg.AssetSelection.groups(BRONZE),
         description="Extract every bronze table for one ingestion date (today = incremental).",
+        # Runs that read the V3 source: the run coordinator limits them by this tag.
+        tags={"datalake/source": "v3"},
     )
     silver_revsci_job = dg.define_asset_job(
         SILVER_REVSCI_JOB,

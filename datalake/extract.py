@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
+import sqlalchemy.exc
 from sqlalchemy.dialects import mysql
 
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
@@ -101,7 +102,18 @@ def arrow_type(column: sa.Column[Any], where: str) -> pa.DataType:
         return pa.duration("us")
     if isinstance(t, (sa.JSON, sa.Enum, mysql.SET, sa.String)):
         return pa.string()
-    if isinstance(t, sa.LargeBinary | sa._Binary):  # noqa: SLF001 - BINARY/VARBINARY share this base
+    if isinstance(
+        t,
+        (
+            sa.LargeBinary,
+            sa.BINARY,
+            sa.VARBINARY,
+            mysql.BLOB,
+            mysql.TINYBLOB,
+            mysql.MEDIUMBLOB,
+            mysql.LONGBLOB,
+        ),
+    ):
         return pa.binary()
     raise ExtractionError(f"{where}: unsupported source type {t!r}")
 
@@ -116,6 +128,7 @@ def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
 def _converter(arrow: pa.DataType) -> Callable[[list[Any]], tuple[list[Any], int]]:
     """Cleans a column of driver values for pa.array; returns (values, zero_dates_nulled)."""
     if pa.types.is_timestamp(arrow) or pa.types.is_date(arrow):
+
         def dates(values: list[Any]) -> tuple[list[Any], int]:
             # PyMySQL hands back zero dates ('0000-00-00 ...') as strings: NULL them, and count.
             zero = 0
@@ -127,6 +140,7 @@ def _converter(arrow: pa.DataType) -> Callable[[list[Any]], tuple[list[Any], int
 
         return dates
     if pa.types.is_decimal(arrow):
+
         def decimals(values: list[Any]) -> tuple[list[Any], int]:
             for i, v in enumerate(values):
                 if v is not None and not isinstance(v, Decimal):
@@ -135,11 +149,13 @@ def _converter(arrow: pa.DataType) -> Callable[[list[Any]], tuple[list[Any], int
 
         return decimals
     if pa.types.is_boolean(arrow):
+
         def booleans(values: list[Any]) -> tuple[list[Any], int]:
             return [None if v is None else bool(v) for v in values], 0
 
         return booleans
     if pa.types.is_string(arrow):
+
         def strings(values: list[Any]) -> tuple[list[Any], int]:
             for i, v in enumerate(values):
                 if v is not None and not isinstance(v, str):
@@ -221,7 +237,7 @@ class SourceDialect:
                 "SELECT MIN(trx_started) FROM information_schema.innodb_trx "
                 "WHERE trx_mysql_thread_id <> CONNECTION_ID()"
             ).scalar()
-        except sa.exc.DBAPIError as exc:
+        except sqlalchemy.exc.DBAPIError as exc:
             log(f"cannot read information_schema.innodb_trx ({type(exc.orig).__name__}); hi is not capped")
             return None
 
@@ -229,20 +245,22 @@ class SourceDialect:
 def reflect(conn: sa.Connection, spec: TableSpec) -> sa.Table:
     try:
         table = sa.Table(spec.table, sa.MetaData(), schema=spec.source_schema, autoload_with=conn)
-    except sa.exc.NoSuchTableError:
+    except sqlalchemy.exc.NoSuchTableError:
         raise ExtractionError(f"{spec.qualified_name}: table not found in the source") from None
     names = set(table.columns.keys())
     for what, cols in (("primary_key", spec.primary_key), ("exclude_columns", spec.exclude_columns)):
         missing = [c for c in cols if c not in names]
         if missing:
-            raise ExtractionError(f"{spec.qualified_name}: {what} column(s) {missing} not in the source table")
+            raise ExtractionError(
+                f"{spec.qualified_name}: {what} column(s) {missing} not in the source table"
+            )
     for col in (spec.cursor.column if spec.cursor else None, spec.date_column):
         if col is not None and col not in names:
             raise ExtractionError(f"{spec.qualified_name}: column {col!r} not in the source table")
     return table
 
 
-def _py_bound(value: Any, kind: CursorKind | None) -> Any:
+def _utc_naive(value: Any) -> Any:
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
         return value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
@@ -270,7 +288,10 @@ def extract(
     try:
         table = reflect(conn, spec)
         columns = [c for c in table.columns if c.name not in spec.exclude_columns]
-        fields = [pa.field(c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=c.nullable) for c in columns]
+        fields = [
+            pa.field(c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=c.nullable)
+            for c in columns
+        ]
     except BaseException:
         conn.close()
         raise
@@ -280,7 +301,18 @@ def extract(
         spec=spec, schema=schema, batches=iter(()), window=window, stats=stats, source=source
     )
     extraction.batches = _stream(
-        conn, spec, table, columns, schema, window, extraction, run_id, extracted_at, batch_size, lag, log,
+        conn,
+        spec,
+        table,
+        columns,
+        schema,
+        window,
+        extraction,
+        run_id,
+        extracted_at,
+        batch_size,
+        lag,
+        log,
         progress_every,
     )
     return extraction
@@ -304,7 +336,8 @@ def _stream(
     dialect = SourceDialect(conn.dialect.name)
     stats = extraction.stats
     try:
-        lo, hi = window.lo, window.hi
+        # Bounds travel as naive UTC, the form the source session (time_zone +00:00) compares in.
+        lo, hi = _utc_naive(window.lo), _utc_naive(window.hi)
         if window.kind in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH) and spec.cursor is not None:
             if spec.cursor.kind is CursorKind.TIMESTAMP:
                 # hi comes from the source's clock before the snapshot opens: a row committed
@@ -333,9 +366,9 @@ def _stream(
             column = table.c[window.column or spec.cursor.column]  # type: ignore[union-attr]
             bounds: list[sa.ColumnElement[bool]] = []
             if lo is not None:
-                bounds.append(column >= _py_bound(lo, None))
+                bounds.append(column >= lo)
             if hi is not None:
-                bounds.append(column < _py_bound(hi, None))
+                bounds.append(column < hi)
             condition: sa.ColumnElement[bool] | None = sa.and_(*bounds) if bounds else None
             captures_nulls = (
                 spec.null_cursor is NullCursorPolicy.CAPTURE

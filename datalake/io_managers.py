@@ -157,7 +157,11 @@ class ParquetIOManager(_LakeRoot):
             }
         else:
             loaded = {
-                f: (pl.scan_parquet(storage.path(f), storage_options=storage_options) if lazy else pl.read_parquet(storage.path(f)))
+                f: (
+                    pl.scan_parquet(storage.path(f), storage_options=storage_options)
+                    if lazy
+                    else pl.read_parquet(storage.path(f))
+                )
                 for f in files
             }
         if keys is None or len(keys) == 1:
@@ -172,11 +176,14 @@ class DuckDBPathInputManager(dg.ConfigurableIOManager):
     """
 
     bronze_root: str
-    roots: dict[str, str] = {}
+    # Root of each non-bronze layer by asset-key prefix, e.g. {'silver': ..., 'revsci': ...}.
+    roots: dict[str, str]
     azure: AzureBlobResource
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        raise NotImplementedError("duckdb_path_input_manager only loads inputs; store outputs with a lake IO manager")
+        raise NotImplementedError(
+            "duckdb_path_input_manager only loads inputs; store outputs with a lake IO manager"
+        )
 
     def load_input(self, context: dg.InputContext) -> ParquetPaths:
         key = context.asset_key

@@ -78,7 +78,11 @@ def write_parquet(
                 if batch.num_rows == 0:
                     continue
                 if batch.schema != schema:
-                    batch = batch.cast(schema) if batch.schema.names == schema.names else batch.select(schema.names).cast(schema)
+                    batch = (
+                        batch.cast(schema)
+                        if batch.schema.names == schema.names
+                        else batch.select(schema.names).cast(schema)
+                    )
                 writer.write_batch(batch, row_group_size=row_group_size or batch.num_rows)
                 result.rows += batch.num_rows
                 result.row_groups += 1
@@ -143,7 +147,9 @@ class ParquetPaths:
         return relation
 
 
-def record_batches(obj: Any, batch_rows: int = DEFAULT_ROW_GROUP_SIZE) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+def record_batches(
+    obj: Any, batch_rows: int = DEFAULT_ROW_GROUP_SIZE
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Any supported output as (schema, stream of record batches), without collecting it whole."""
     import polars as pl
 

@@ -132,7 +132,9 @@ def _loc(error: Any) -> str:
 
 def parse_registry(document: Any, *, origin: str = "registry") -> tuple[TableSpec, ...]:
     if not isinstance(document, dict) or set(document) - {"defaults", "tables"}:
-        raise RegistryError(f"{origin}: the top level must be a mapping with 'tables' (and optional 'defaults')")
+        raise RegistryError(
+            f"{origin}: the top level must be a mapping with 'tables' (and optional 'defaults')"
+        )
     defaults = document.get("defaults") or {}
     entries = document.get("tables")
     if not isinstance(defaults, dict):
@@ -171,7 +173,10 @@ def parse_registry(document: Any, *, origin: str = "registry") -> tuple[TableSpe
             seen[key] = label
         specs.append(spec)
     if errors:
-        raise RegistryError(f"{origin}: {len(errors)} invalid entr{'y' if len(errors) == 1 else 'ies'}:\n  " + "\n  ".join(errors))
+        raise RegistryError(
+            f"{origin}: {len(errors)} invalid entr{'y' if len(errors) == 1 else 'ies'}:\n  "
+            + "\n  ".join(errors)
+        )
     return tuple(specs)
 
 

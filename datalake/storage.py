@@ -191,13 +191,13 @@ class LakeStorage:
             return
         # Azure: blocks are staged as they are written and committed by close(); on failure we
         # discard instead of closing, so no blob (or a previous version) becomes visible.
-        handle = self.fs.open(final, "wb")
+        handle: Any = self.fs.open(final, "wb")
         try:
             yield cast(IO[bytes], handle)
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.discard()
-                handle.closed = True
+                handle.closed = True  # so garbage collection does not commit it either
             raise
         handle.close()
 

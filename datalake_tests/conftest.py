@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import sqlalchemy as sa
 
 from datalake_tests.services import (
     AzuriteServer,
@@ -60,3 +62,25 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 @pytest.fixture(scope="session")
 def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
     yield from _serve(start_azurite, "azurite", tmp_path_factory)
+
+
+@pytest.fixture
+def v3_mariadb(mariadb_server: MariaDBServer) -> Iterator[Callable[..., sa.Engine]]:
+    """Seeds a fresh V3 demo source on the session's MariaDB; returns a seeding function.
+
+    The schemas have fixed names (they are the source's), so each test drops and re-creates them.
+    """
+    from datalake.demo.generator import seed_source
+    from datalake.demo.schema import create_schemas, drop_schemas, metadata
+
+    engine = sa.create_engine(mariadb_server.url())
+
+    def seed(*, cdr_rows: int = 3_000, seed: int = 7, anchor: dt.datetime | None = None) -> sa.Engine:
+        drop_schemas(engine)
+        create_schemas(engine)
+        metadata.create_all(engine)
+        seed_source(engine, seed=seed, cdr_rows=cdr_rows, anchor=anchor)
+        return engine
+
+    yield seed
+    engine.dispose()

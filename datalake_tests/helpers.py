@@ -30,7 +30,21 @@ def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: Mapping[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, env=dict(env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def lake_env(root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Settings variables that put every group's storage root under ``root``."""
+    env = {
+        "DATALAKE_ROOT_BRONZE": str(root / "bronze"),
+        "DATALAKE_ROOT_SILVER": str(root / "silver"),
+        "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(root / "vanguard_wholesale"),
+        "DATALAKE_EXTRACT_LAG_SECONDS": "0",
+    }
+    env.update(extra or {})
+    return env

@@ -70,5 +70,9 @@ def test_every_bronze_asset_is_daily_partitioned_and_pooled() -> None:
     for key, node in bronze.items():
         assert node["partitions"]["type"] == "DailyPartitionsDefinition", key
         assert node["pools"] == ["v3_mysql"], key
-    assert assets["silver/fact_invoice"]["deps"] == ["bronze/invoice", "bronze/invoice_data", "bronze/invoice_status"]
+    assert assets["silver/fact_invoice"]["deps"] == [
+        "bronze/invoice",
+        "bronze/invoice_data",
+        "bronze/invoice_status",
+    ]
     assert assets["revsci/billing_usage_aggregated"]["group"] == "vanguard_wholesale"

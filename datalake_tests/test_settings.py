@@ -26,7 +26,7 @@ def test_local_with_mysql_settings_uses_that_mysql() -> None:
     )
     assert settings.source.kind == "mysql"
     assert settings.source.mysql is not None and settings.source.mysql.port == 3307
-    resources = build_definitions(settings).resources
+    resources = build_definitions(settings).resources or {}
     assert resources["v3_source"].kind == "mysql"  # type: ignore[union-attr]
 
 
@@ -36,7 +36,7 @@ def test_prod_with_every_variable_loads() -> None:
     assert settings.root("bronze") == "/opt/dagster/shared-data/bronze"
     defs = build_definitions(settings)
     # The password reaches the resource as an EnvVar, never as its value.
-    source = defs.resources["v3_source"]
+    source = (defs.resources or {})["v3_source"]
     assert "s3cret" not in repr(source)
 
 

@@ -1,13 +1,12 @@
 """Bronze: one daily-partitioned asset per registry entry (partition = ingestion date).
 
 Which window a run reads (DESIGN §3.3):
-- the current ingestion date, not part of a backfill → incremental [watermark, source now − lag);
+- the current ingestion date, not part of a backfill → incremental [watermark, source now - lag);
   the watermark is committed by the materialization;
 - any other date, or any run of a backfill → the stateless window [D, D+1) in the lake's time
   zone over the table's date column; the watermark is neither read nor moved;
 - run config (launchpad) can force a full refresh, an explicit window, or a starting watermark.
 """
-
 
 import datetime as dt
 from collections.abc import Callable
@@ -25,7 +24,9 @@ BACKFILL_TAG = "dagster/backfill"
 
 # Transient source faults (connection lost, lock wait) are retried with back-off; a run that
 # fails for good commits no watermark, so the next run reads the same window again.
-BRONZE_RETRY = dg.RetryPolicy(max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+BRONZE_RETRY = dg.RetryPolicy(
+    max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
 
 
 class BronzeRunConfig(dg.Config):
@@ -99,7 +100,8 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
     @dg.asset(
         key=key,
         group_name=spec.group,
-        description=spec.description or f"{spec.qualified_name}, extracted {spec.mode.value} into append-only Parquet.",
+        description=spec.description
+        or f"{spec.qualified_name}, extracted {spec.mode.value} into append-only Parquet.",
         partitions_def=daily_partitions(settings),
         io_manager_key="bronze_io_manager",
         pool=settings.v3_pool,
@@ -138,7 +140,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             v3_source.engine(),
             spec,
             window,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             batch_size=batch_size,
             lag=dt.timedelta(seconds=settings.extract_lag_seconds),
             log=context.log.info,

@@ -1,6 +1,5 @@
 """Rev-Sci (Vanguard Wholesale): partner-level billing usage, stored under the vanguard_wholesale root."""
 
-
 from collections.abc import Sequence
 
 import dagster as dg

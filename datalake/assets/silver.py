@@ -1,6 +1,5 @@
 """Silver: DuckDB over the bronze files in place, deduplicated to current state and joined."""
 
-
 from collections.abc import Sequence
 
 import dagster as dg
@@ -23,10 +22,13 @@ def current_state(relation: duckdb.DuckDBPyRelation, spec: TableSpec) -> duckdb.
         order.append(f"{quote(spec.cursor.column)} DESC NULLS LAST")
     order += [f"{quote(EXTRACTED_AT_COLUMN)} DESC", f"{quote(ROW_SEQ_COLUMN)} DESC"]
     keys = ", ".join(quote(k) for k in spec.primary_key)
-    return relation.query(
+    ranked = relation.query(
         "versions",
-        f"SELECT * FROM versions QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {', '.join(order)}) = 1",
+        # identifiers only (validated by the registry, quoted here); no values
+        f"SELECT * FROM versions QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {', '.join(order)}) = 1",  # noqa: S608
     )
+    assert ranked is not None  # a SELECT always yields a relation
+    return ranked
 
 
 def bronze_in(table: str) -> dg.AssetIn:

@@ -2,16 +2,24 @@
 
 Column types come from the source's column metadata (SQLAlchemy reflection), never from
 the data, so an all-NULL column keeps its type and DECIMAL/UNSIGNED values stay exact.
-Rows are read through a server-side cursor in batches of the spec's size; each batch
-becomes one Arrow record batch (one Parquet row group in bronze), so peak memory follows
-the batch size, not the table size.
+Rows are streamed in batches of the spec's size; each batch becomes one Arrow record batch
+(one Parquet row group in bronze), so peak memory follows the batch size, not the table size.
+
+Two readers share the planning (window bounds, types, lineage):
+- ``arrow`` (MySQL/MariaDB): connectorx's Arrow-native reader. It cannot carry every MySQL
+  type exactly (DECIMAL becomes decimal128(38,10), zero dates panic, BIGINT UNSIGNED…), so
+  the SELECT has the *server* hand those columns over in a form it carries losslessly —
+  decimal text, epoch microseconds, day numbers — and ``datalake.arrow_reader`` restores the
+  declared Arrow type exactly. See that module for the per-type mapping.
+- ``rows`` (SQLAlchemy + PyMySQL server-side cursor, or the SQLite demo): the fallback, and
+  the path for TLS connections.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -119,9 +127,11 @@ def arrow_type(column: sa.Column[Any], where: str) -> pa.DataType:
 
 
 def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
-    # Raw text for JSON/SET: the driver-level deserialisers would change the value's form.
-    if isinstance(column.type, (sa.JSON, mysql.SET)):
-        return sa.type_coerce(column, sa.Text()).label(column.name)
+    # The driver's own values for JSON/SET (raw text) and TIME (a signed timedelta):
+    # SQLAlchemy's result processors would parse JSON, make SET a Python set and turn TIME
+    # into a time of day, which fails for negative values and values over 24 hours.
+    if isinstance(column.type, (sa.JSON, mysql.SET, sa.Time)):
+        return sa.type_coerce(column, sa.types.NullType()).label(column.name)
     return column
 
 
@@ -148,6 +158,13 @@ def _converter(arrow: pa.DataType) -> Callable[[list[Any]], tuple[list[Any], int
             return values, 0
 
         return decimals
+    if pa.types.is_floating(arrow):
+
+        def floats(values: list[Any]) -> tuple[list[Any], int]:
+            # SQLAlchemy's MySQL FLOAT/DOUBLE hand back Decimal (asdecimal); the column is binary floating point.
+            return [None if v is None else float(v) for v in values], 0
+
+        return floats
     if pa.types.is_boolean(arrow):
 
         def booleans(values: list[Any]) -> tuple[list[Any], int]:
@@ -197,6 +214,8 @@ class Extraction:
     window: Window
     stats: ExtractionStats
     source: str
+    # "arrow" (connectorx + server-side casts) or "rows" (SQLAlchemy/PyMySQL, SQLite demo).
+    reader: str = "rows"
     # The resolved window, filled in once the read has started (hi is resolved then).
     resolved: dict[str, Any] = field(default_factory=dict)
 
@@ -206,6 +225,35 @@ class Extraction:
         if not self.window.commits_watermark:
             return None
         return self.resolved.get("hi")
+
+    def metadata(self) -> dict[str, Any]:
+        """What was read, for the materialization; complete once ``batches`` is exhausted.
+
+        The watermark entry is not included: the bronze IO manager adds it, and only after
+        the file is durably in the lake.
+        """
+        stats = self.stats
+
+        def text(value: Any) -> str:
+            if value is None:
+                return ""
+            if isinstance(value, dt.datetime):
+                value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+                return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+            return str(value)
+
+        return {
+            "datalake/window_kind": self.window.kind.value,
+            "datalake/window_lo": text(self.resolved.get("lo")),
+            "datalake/window_hi": text(self.resolved.get("hi")),
+            "datalake/reader": self.reader,
+            "datalake/zero_dates_nulled": stats.zero_dates,
+            "datalake/null_cursor_rows": stats.null_cursor_rows,
+            "datalake/batches": stats.batches,
+            "datalake/seconds": round(stats.seconds, 3),
+            "datalake/rows_per_second": round(stats.rows / max(stats.seconds, 1e-9)),
+            "datalake/source": self.source,
+        }
 
 
 @dataclass(frozen=True)
@@ -266,6 +314,92 @@ def _utc_naive(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one extraction reads: the table, its columns and their Arrow types, the bounds."""
+
+    spec: TableSpec
+    table: sa.Table
+    columns: tuple[sa.Column[Any], ...]
+    schema: pa.Schema  # source columns + lineage
+    window: Window
+
+    @property
+    def window_column(self) -> sa.Column[Any] | None:
+        if self.window.kind is WindowKind.SNAPSHOT or self.spec.mode is Mode.SNAPSHOT:
+            return None
+        assert self.spec.cursor is not None
+        return self.table.c[self.window.column or self.spec.cursor.column]
+
+    def where(self, lo: Any, hi: Any) -> sa.ColumnElement[bool] | None:
+        """[lo, hi) over the window column; NULL cursors too where the spec captures them."""
+        column = self.window_column
+        if column is None:
+            return None
+        bounds: list[sa.ColumnElement[bool]] = []
+        if lo is not None:
+            bounds.append(column >= lo)
+        if hi is not None:
+            bounds.append(column < hi)
+        if not bounds:
+            return None
+        condition: sa.ColumnElement[bool] = sa.and_(*bounds)
+        captures_nulls = (
+            self.spec.null_cursor is NullCursorPolicy.CAPTURE
+            and self.window.kind in (WindowKind.INCREMENTAL, WindowKind.EXPLICIT)
+            and self.spec.cursor is not None
+            and column.name == self.spec.cursor.column
+        )
+        return sa.or_(condition, column.is_(None)) if captures_nulls else condition
+
+
+def resolve_bounds(
+    conn: sa.Connection, plan: Plan, lag: dt.timedelta, log: Callable[[str], None]
+) -> tuple[Any, Any]:
+    """The window's [lo, hi) as naive UTC datetimes or integers, ``hi`` from the source.
+
+    ``hi`` is fixed *before* the rows are read. Any transaction that commits afterwards was
+    either open now — then ``hi`` is capped at its start, so its rows (whose cursor is set
+    after it started) fall in the next window — or starts later, and then its cursor values
+    are later than ``hi`` too. That is what makes at-least-once hold with late commits.
+    """
+    spec, window = plan.spec, plan.window
+    lo, hi = _utc_naive(window.lo), _utc_naive(window.hi)
+    if window.kind not in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH) or spec.cursor is None:
+        return lo, hi
+    dialect = SourceDialect(conn.dialect.name)
+    cap = dialect.now(conn) - lag
+    oldest = dialect.oldest_open_transaction(conn, log)
+    if oldest is not None and oldest < cap:
+        log(f"{spec.qualified_name}: hi capped at the oldest open transaction's start {oldest.isoformat()}")
+        cap = oldest
+    if spec.cursor.kind is CursorKind.TIMESTAMP:
+        hi = cap if lo is None or cap >= lo else lo
+    else:
+        # Auto-increment ids are allocated at insert, in time order, and date_column is the
+        # insert time: the newest row inserted before the cap bounds the ids that are safe
+        # to read; an uncommitted insert started later and holds a higher id.
+        cursor_col, date_col = plan.table.c[spec.cursor.column], plan.table.c[spec.window_column or ""]
+        newest = conn.execute(
+            sa.select(cursor_col).where(date_col < cap).order_by(date_col.desc(), cursor_col.desc()).limit(1)
+        ).scalar()
+        hi = lo if newest is None else max(int(newest) + 1, lo or 0)
+    conn.commit()
+    return lo, hi
+
+
+def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Plan:
+    table = reflect(conn, spec)
+    columns = tuple(c for c in table.columns if c.name not in spec.exclude_columns)
+    fields = [
+        pa.field(c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=bool(c.nullable))
+        for c in columns
+    ]
+    return Plan(
+        spec=spec, table=table, columns=columns, schema=pa.schema([*fields, *LINEAGE_FIELDS]), window=window
+    )
+
+
 def extract(
     engine: sa.Engine,
     spec: TableSpec,
@@ -277,147 +411,96 @@ def extract(
     log: Callable[[str], None] = lambda _m: None,
     progress_every: float = 15.0,
     source: str = "",
+    arrow_url: Callable[[], str] | None = None,
 ) -> Extraction:
     """Plans the read and returns an Extraction whose batches stream from the source.
 
-    The connection is opened by the first ``next()`` on the batches and closed when they are
-    exhausted or the generator is closed, so a consumer that fails midway releases it.
+    With ``arrow_url`` (a MySQL source that connectorx can reach) the Arrow-native reader
+    streams the rows; otherwise the SQLAlchemy row reader does. Nothing is read from the
+    table until the batches are iterated; the window's ``hi`` is resolved then, too.
     """
-    extracted_at = dt.datetime.now(dt.UTC)
-    conn = engine.connect()
-    try:
-        table = reflect(conn, spec)
-        columns = [c for c in table.columns if c.name not in spec.exclude_columns]
-        fields = [
-            pa.field(c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=c.nullable)
-            for c in columns
-        ]
-    except BaseException:
-        conn.close()
-        raise
-    schema = pa.schema([*fields, *LINEAGE_FIELDS])
+    with engine.connect() as conn:
+        plan = plan_extraction(conn, spec, window)
     stats = ExtractionStats()
     extraction = Extraction(
-        spec=spec, schema=schema, batches=iter(()), window=window, stats=stats, source=source
+        spec=spec,
+        schema=plan.schema,
+        batches=iter(()),
+        window=window,
+        stats=stats,
+        source=source,
+        reader="arrow" if arrow_url is not None else "rows",
     )
-    extraction.batches = _stream(
-        conn,
-        spec,
-        table,
-        columns,
-        schema,
-        window,
-        extraction,
-        run_id,
-        extracted_at,
-        batch_size,
-        lag,
-        log,
-        progress_every,
-    )
+    lineage = Lineage(run_id=run_id, extracted_at=dt.datetime.now(dt.UTC))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        with engine.connect() as conn:
+            lo, hi = resolve_bounds(conn, plan, lag, log)
+            extraction.resolved.update(lo=lo, hi=hi)
+            if arrow_url is not None:
+                from datalake.arrow_reader import stream_arrow
+
+                conn.close()
+                stream = stream_arrow(arrow_url(), conn.dialect, plan, lo, hi, batch_size)
+            else:
+                stream = _stream_rows(conn, plan, lo, hi, batch_size)
+            last_log = time.monotonic()
+            for columns, zero_dates in stream:
+                stats.zero_dates += zero_dates
+                batch = lineage.attach(plan.schema, columns, stats.rows)
+                if spec.cursor is not None and spec.cursor.column in plan.schema.names:
+                    stats.null_cursor_rows += batch.column(spec.cursor.column).null_count
+                stats.rows += batch.num_rows
+                stats.batches += 1
+                yield batch
+                if time.monotonic() - last_log >= progress_every:
+                    last_log = time.monotonic()
+                    log(
+                        f"{spec.qualified_name}: {stats.rows:,} rows in {stats.batches} batches, "
+                        f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s"
+                    )
+        stats.finished = time.monotonic()
+
+    extraction.batches = batches()
     return extraction
 
 
-def _stream(
-    conn: sa.Connection,
-    spec: TableSpec,
-    table: sa.Table,
-    columns: Sequence[sa.Column[Any]],
-    schema: pa.Schema,
-    window: Window,
-    extraction: Extraction,
-    run_id: str,
-    extracted_at: dt.datetime,
-    batch_size: int,
-    lag: dt.timedelta,
-    log: Callable[[str], None],
-    progress_every: float,
-) -> Iterator[pa.RecordBatch]:
+@dataclass(frozen=True)
+class Lineage:
+    run_id: str
+    extracted_at: dt.datetime
+
+    def attach(self, schema: pa.Schema, columns: list[pa.Array], first_seq: int) -> pa.RecordBatch:
+        n = len(columns[0]) if columns else 0
+        extra = [
+            pa.repeat(pa.scalar(self.run_id, pa.string()), n),
+            pa.repeat(pa.scalar(self.extracted_at, UTC_TS), n),
+            pa.array(range(first_seq, first_seq + n), pa.int64()),
+        ]
+        return pa.RecordBatch.from_arrays([*columns, *extra], schema=schema)
+
+
+def _stream_rows(
+    conn: sa.Connection, plan: Plan, lo: Any, hi: Any, batch_size: int
+) -> Iterator[tuple[list[pa.Array], int]]:
+    """The row reader: a server-side cursor through SQLAlchemy; Python values → Arrow arrays."""
     dialect = SourceDialect(conn.dialect.name)
-    stats = extraction.stats
     try:
-        # Bounds travel as naive UTC, the form the source session (time_zone +00:00) compares in.
-        lo, hi = _utc_naive(window.lo), _utc_naive(window.hi)
-        if window.kind in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH) and spec.cursor is not None:
-            if spec.cursor.kind is CursorKind.TIMESTAMP:
-                # hi comes from the source's clock before the snapshot opens: a row committed
-                # later either carries a later cursor or belongs to a transaction open now,
-                # which caps hi at its start so the next window reads it.
-                hi = dialect.now(conn) - lag
-                oldest = dialect.oldest_open_transaction(conn, log)
-                if oldest is not None and oldest < hi:
-                    log(f"hi capped at the oldest open transaction's start {oldest.isoformat()}")
-                    hi = oldest
-                if lo is not None and hi < lo:
-                    hi = lo
-            conn.commit()
-            dialect.begin_snapshot(conn)
-            if spec.cursor.kind is CursorKind.INTEGER:
-                cursor_col = table.c[spec.cursor.column]
-                top = conn.execute(sa.select(sa.func.max(cursor_col))).scalar()
-                hi = lo if top is None else max(int(top) + 1, lo or 0)
-        else:
-            conn.commit()
-            dialect.begin_snapshot(conn)
-        extraction.resolved.update(lo=lo, hi=hi)
-
-        stmt = sa.select(*[_select_expression(c) for c in columns])
-        if window.kind is not WindowKind.SNAPSHOT and spec.mode is Mode.INCREMENTAL:
-            column = table.c[window.column or spec.cursor.column]  # type: ignore[union-attr]
-            bounds: list[sa.ColumnElement[bool]] = []
-            if lo is not None:
-                bounds.append(column >= lo)
-            if hi is not None:
-                bounds.append(column < hi)
-            condition: sa.ColumnElement[bool] | None = sa.and_(*bounds) if bounds else None
-            captures_nulls = (
-                spec.null_cursor is NullCursorPolicy.CAPTURE
-                and window.kind in (WindowKind.INCREMENTAL, WindowKind.EXPLICIT)
-                and column.name == (spec.cursor.column if spec.cursor else None)
-            )
-            if condition is not None and captures_nulls:
-                condition = sa.or_(condition, column.is_(None))
-            if condition is not None:
-                stmt = stmt.where(condition)
-            order = [column, *[table.c[k] for k in spec.primary_key]]
-        else:
-            order = [table.c[k] for k in spec.primary_key]
-        stmt = stmt.order_by(*order)
-
-        converters = [_converter(f.type) for f in schema][: len(columns)]
-        cursor_index = next(
-            (i for i, c in enumerate(columns) if spec.cursor and c.name == spec.cursor.column), None
-        )
-        run_ids = None
-        last_log = time.monotonic()
+        dialect.begin_snapshot(conn)
+        stmt = sa.select(*[_select_expression(c) for c in plan.columns])
+        condition = plan.where(lo, hi)
+        if condition is not None:
+            stmt = stmt.where(condition)
+        converters = [_converter(f.type) for f in plan.schema][: len(plan.columns)]
+        types = [plan.schema.field(i).type for i in range(len(plan.columns))]
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
         for rows in result.partitions(batch_size):
-            n = len(rows)
-            if run_ids is None or len(run_ids) != n:
-                run_ids = pa.array([run_id] * n, pa.string())
             arrays: list[pa.Array] = []
+            zero_dates = 0
             for i, values in enumerate(zip(*rows, strict=True)):
                 cleaned, zero = converters[i](list(values))
-                stats.zero_dates += zero
-                if i == cursor_index:
-                    stats.null_cursor_rows += sum(1 for v in cleaned if v is None)
-                arrays.append(pa.array(cleaned, type=schema.field(i).type))
-            arrays.append(run_ids)
-            arrays.append(pa.array([extracted_at] * n, UTC_TS))
-            arrays.append(pa.array(range(stats.rows, stats.rows + n), pa.int64()))
-            stats.rows += n
-            stats.batches += 1
-            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
-            now = time.monotonic()
-            if now - last_log >= progress_every:
-                last_log = now
-                log(
-                    f"{spec.qualified_name}: {stats.rows:,} rows in {stats.batches} batches, "
-                    f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s"
-                )
-        stats.finished = time.monotonic()
+                zero_dates += zero
+                arrays.append(pa.array(cleaned, type=types[i]))
+            yield arrays, zero_dates
     finally:
-        try:
-            conn.rollback()
-        finally:
-            conn.close()
+        conn.rollback()

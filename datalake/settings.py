@@ -62,6 +62,8 @@ class MySQLSettings:
     ssl_ca: str | None = None
     ssl_cert: str | None = None
     ssl_key: str | None = None
+    # "auto" (Arrow-native reader unless TLS) or "rows" (SQLAlchemy/PyMySQL reader).
+    reader: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class Settings:
     registry_path: Path
     bronze_cron: str
     v3_pool: str = "v3_mysql"
+    # Retries of a bronze step after a source fault (connection lost, lock wait), with back-off.
+    bronze_max_retries: int = 3
+    bronze_retry_delay_seconds: int = 15
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def root(self, group: str) -> str:
@@ -178,7 +183,10 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             ssl_ca=get("DATALAKE_MYSQL_SSL_CA"),
             ssl_cert=get("DATALAKE_MYSQL_SSL_CERT"),
             ssl_key=get("DATALAKE_MYSQL_SSL_KEY"),
+            reader=(get("DATALAKE_MYSQL_READER") or "auto").lower(),
         )
+        if mysql.reader not in ("auto", "rows"):
+            problems["DATALAKE_MYSQL_READER"] = f"must be 'auto' or 'rows', got {mysql.reader!r}"
         if (mysql.ssl_cert is None) != (mysql.ssl_key is None):
             problems["DATALAKE_MYSQL_SSL_CERT"] = "DATALAKE_MYSQL_SSL_CERT and _SSL_KEY go together"
     else:
@@ -252,6 +260,8 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         registry_path=registry_path,
         bronze_cron=get("DATALAKE_BRONZE_CRON") or "15 * * * *",
         v3_pool=get("DATALAKE_V3_POOL") or "v3_mysql",
+        bronze_max_retries=parse_int("DATALAKE_BRONZE_MAX_RETRIES", 3, minimum=0),
+        bronze_retry_delay_seconds=parse_int("DATALAKE_BRONZE_RETRY_DELAY_SECONDS", 15, minimum=0),
     )
     if problems:
         raise SettingsError(environment.value, problems)

@@ -31,6 +31,9 @@ class V3SourceResource(dg.ConfigurableResource):
     ssl_ca: str | None = None
     ssl_cert: str | None = None
     ssl_key: str | None = None
+    # "auto": the Arrow-native reader (connectorx) for MySQL without TLS, else the row reader;
+    # "rows": always the SQLAlchemy/PyMySQL row reader.
+    reader: str = "auto"
     connect_timeout: int = 20
     read_timeout: int = 3600
     # demo
@@ -82,6 +85,20 @@ class V3SourceResource(dg.ConfigurableResource):
         if self.ssl_cert:
             context.load_cert_chain(self.ssl_cert, self.ssl_key)
         return context
+
+    def arrow_url(self) -> str | None:
+        """connectorx URL for the Arrow-native reader, or None where the row reader must be used.
+
+        Contains the password: it is passed to connectorx only, never logged or stored.
+        """
+        if self.kind != "mysql" or self.reader == "rows" or self.ssl_ca or self.ssl_cert:
+            return None
+        from urllib.parse import quote
+
+        credentials = quote(self.user or "", safe="")
+        if self.password:
+            credentials += ":" + quote(self.password, safe="")
+        return f"mysql://{credentials}@{self.host}:{self.port}/"
 
     def describe(self) -> str:
         """Where the source is, for logs and metadata: never includes credentials."""

@@ -22,11 +22,16 @@ from datalake.watermark import WatermarkResource, decode_watermark
 
 BACKFILL_TAG = "dagster/backfill"
 
-# Transient source faults (connection lost, lock wait) are retried with back-off; a run that
-# fails for good commits no watermark, so the next run reads the same window again.
-BRONZE_RETRY = dg.RetryPolicy(
-    max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-)
+
+def retry_policy(settings: Settings) -> dg.RetryPolicy:
+    """Source faults (2006 gone away, 2013 lost connection, 1205 lock wait...) are retried with
+    back-off. A failed attempt commits no watermark, so a retry reads the same window again."""
+    return dg.RetryPolicy(
+        max_retries=settings.bronze_max_retries,
+        delay=settings.bronze_retry_delay_seconds,
+        backoff=dg.Backoff.EXPONENTIAL,
+        jitter=dg.Jitter.PLUS_MINUS,
+    )
 
 
 class BronzeRunConfig(dg.Config):
@@ -105,7 +110,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
         partitions_def=daily_partitions(settings),
         io_manager_key="bronze_io_manager",
         pool=settings.v3_pool,
-        retry_policy=BRONZE_RETRY,
+        retry_policy=retry_policy(settings),
         kinds={"mysql", "parquet"},
         metadata={
             "datalake/source_table": spec.qualified_name,
@@ -136,6 +141,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             f"{spec.qualified_name}: {window.kind.value} window lo={window.lo!s} hi={window.hi or 'source now'} "
             f"from {v3_source.describe()}"
         )
+        arrow_url = v3_source.arrow_url()
         return extract(
             v3_source.engine(),
             spec,
@@ -145,6 +151,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             lag=dt.timedelta(seconds=settings.extract_lag_seconds),
             log=context.log.info,
             source=v3_source.describe(),
+            arrow_url=(lambda: arrow_url) if arrow_url else None,
         )
 
     return _bronze

@@ -1,0 +1,141 @@
+"""One extraction tool per process, for bench/extract_bench.py (peak RSS is per process).
+
+    python -m bench.extract_tools TOOL SQLALCHEMY_URL SCHEMA TABLE OUT_DIR
+
+Prints one JSON line: {"rows": n, "seconds": extraction wall time}. Interpreter start-up
+and imports are excluded from "seconds" (the parent also records the whole process wall).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def project(url: str, schema: str, table: str, out: Path) -> int:
+    """This project's bronze extraction as a user runs it: a Dagster materialization."""
+    import datetime as dt
+
+    import dagster as dg
+    import yaml
+
+    from datalake.definitions import build_definitions
+    from datalake.settings import resolve_settings
+
+    parts = urlsplit(url)
+    registry = out / "registry.yaml"
+    registry.write_text(
+        yaml.safe_dump(
+            {
+                "tables": [
+                    {
+                        "schema": schema,
+                        "table": table,
+                        "primary_key": ["cdr_id"],
+                        "cursor": {"column": "cdr_id", "kind": "integer"},
+                        "date_column": "created_at",
+                        "batch_size": int(os.environ.get("BENCH_BATCH_SIZE", "100000")),
+                    }
+                ]
+            }
+        )
+    )
+    os.environ["DATALAKE_MYSQL_PASSWORD"] = parts.password or ""
+    settings = resolve_settings(
+        {
+            "DATALAKE_MYSQL_HOST": parts.hostname or "",
+            "DATALAKE_MYSQL_PORT": str(parts.port),
+            "DATALAKE_MYSQL_USER": parts.username or "",
+            "DATALAKE_MYSQL_PASSWORD": parts.password or "",
+            "DATALAKE_REGISTRY": str(registry),
+            "DATALAKE_ROOT_BRONZE": str(out / "bronze"),
+            "DATALAKE_ROOT_SILVER": str(out / "silver"),
+            "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(out / "vw"),
+            "DATALAKE_EXTRACT_LAG_SECONDS": "0",
+            "DATALAKE_BRONZE_MAX_RETRIES": "0",
+        }
+    )
+    defs = build_definitions(settings)
+    job = defs.resolve_implicit_global_asset_job_def()
+    today = dt.datetime.now(settings.tz).date().isoformat()
+    result = job.execute_in_process(
+        partition_key=today,
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {f"bronze__{table}": {"config": {"mode": "full_refresh"}}}},
+    )
+    (event,) = result.get_asset_materialization_events()
+    return int(event.materialization.metadata["dagster/row_count"].value)  # type: ignore[arg-type]
+
+
+def connectorx(url: str, schema: str, table: str, out: Path) -> int:
+    import connectorx as cx
+    import pyarrow.parquet as pq
+
+    parts = urlsplit(url)
+    cx_url = f"mysql://{parts.username}:{parts.password}@{parts.hostname}:{parts.port}/{schema}"
+    reader = cx.read_sql(
+        cx_url, f"SELECT * FROM {schema}.{table}", return_type="arrow_stream", batch_size=100_000
+    )
+    writer = pq.ParquetWriter(out / "cx.parquet", reader.schema, compression="zstd")
+    rows = 0
+    for batch in reader:
+        writer.write_batch(batch)
+        rows += batch.num_rows
+    writer.close()
+    return rows
+
+
+def dlt(url: str, schema: str, table: str, out: Path) -> int:
+    import dlt as dlt_lib
+    from dlt.sources.sql_database import sql_table
+
+    os.environ["DLT_DATA_DIR"] = str(out / "dlt_data")
+    os.environ["RUNTIME__LOG_LEVEL"] = "WARNING"
+    source = sql_table(credentials=url, schema=schema, table=table, backend="pyarrow", chunk_size=100_000)
+    pipeline = dlt_lib.pipeline(
+        pipeline_name="bench",
+        destination=dlt_lib.destinations.filesystem(bucket_url=str(out / "dlt")),
+        dataset_name="bronze",
+        pipelines_dir=str(out / "dlt_pipelines"),
+    )
+    info = pipeline.run(source, loader_file_format="parquet")
+    info.raise_on_failed_jobs()
+    counts = pipeline.last_trace.last_normalize_info.row_counts  # type: ignore[union-attr]
+    return int(counts.get(table, 0))
+
+
+def pandas(url: str, schema: str, table: str, out: Path) -> int:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    writer = None
+    rows = 0
+    with engine.connect().execution_options(stream_results=True) as conn:
+        for chunk in pd.read_sql(sa.text(f"SELECT * FROM {schema}.{table}"), conn, chunksize=100_000):
+            batch = pa.Table.from_pandas(chunk, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(out / "pandas.parquet", batch.schema, compression="zstd")
+            writer.write_table(batch.cast(writer.schema))
+            rows += len(chunk)
+    if writer is not None:
+        writer.close()
+    return rows
+
+
+TOOLS = {"project": project, "connectorx": connectorx, "dlt": dlt, "pandas": pandas}
+
+
+if __name__ == "__main__":
+    tool, url, schema, table, out = sys.argv[1:6]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = TOOLS[tool](url, schema, table, out_dir)
+    print(json.dumps({"rows": rows, "seconds": time.perf_counter() - started}), flush=True)

@@ -1,0 +1,392 @@
+"""Bronze extraction semantics and type fidelity against a real MariaDB, for both readers.
+
+`arrow` is the Arrow-native reader (connectorx + server-side casts), `rows` the
+SQLAlchemy/PyMySQL fallback; every test runs through Dagster as a user's run does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+
+from datalake.watermark import WATERMARK_KEY
+from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
+from datalake_tests.services import MariaDBServer
+
+pytestmark = pytest.mark.mariadb
+UTC = dt.UTC
+
+
+@pytest.fixture(params=["arrow", "rows"])
+def harness(
+    request: pytest.FixtureRequest,
+    mariadb_server: MariaDBServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[BronzeHarness]:
+    # The password reaches the resource as an EnvVar, resolved from the process environment.
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    reader = "auto" if request.param == "arrow" else "rows"
+    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader=reader)
+    yield h
+    h.dispose()
+
+
+def _events(h: BronzeHarness, extra: str = "") -> None:
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.events (
+            id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            payload VARCHAR(64) NOT NULL,
+            updated_at DATETIME(6) NULL, {extra}
+            INDEX (updated_at)) ENGINE=InnoDB"""
+    )
+    h.register(table="events", primary_key=["id"], cursor={"column": "updated_at"})
+
+
+# --- types ---------------------------------------------------------------------------
+
+EDGE_DDL = f"""CREATE TABLE {SCHEMA}.edge (
+  id BIGINT UNSIGNED PRIMARY KEY,
+  d65 DECIMAL(65,30), d20 DECIMAL(20,12), dneg DECIMAL(10,2),
+  u64 BIGINT UNSIGNED, i64 BIGINT, u32 INT UNSIGNED, i8 TINYINT, u8 TINYINT UNSIGNED, m24 MEDIUMINT,
+  b TINYINT(1), bits BIT(12), y YEAR, e ENUM('a','b','ü'), s SET('x','y','z'), j JSON,
+  tm TIME(6), d DATE, dtt DATETIME(6), dt0 DATETIME, ts TIMESTAMP(6) NULL DEFAULT NULL,
+  c CHAR(4), txt TEXT, blb BLOB, vb VARBINARY(16), f FLOAT, dbl DOUBLE,
+  all_null DECIMAL(9,3) NULL,
+  updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
+
+EDGE_ROW_MAX = (
+    "1, '99999999999999999999999999999999999.999999999999999999999999999999', '12345678.123456789012', "
+    "'-99999999.99', 18446744073709551615, -9223372036854775808, 4294967295, -128, 255, -8388608, "
+    "1, b'111111111111', 2155, 'ü', 'x,z', '{\"a\": [1, 2.5, \"😀\"]}', '-838:59:59.000000', '9999-12-31', "
+    "'9999-12-31 23:59:59.999999', '1000-01-01 00:00:00', '2038-01-19 03:14:07.999999', "
+    "'ab  ', 'emoji 😀 ünïcödé', x'00ff10', x'deadbeef', 1.5, -2.25, NULL, '2024-01-01 00:00:00'"
+)
+EDGE_ROW_MIN = (
+    "2, '-0.000000000000000000000000000001', '0.000000000001', '0.00', 0, 9223372036854775807, 0, 127, 0, "
+    "8388607, 0, b'000000000001', 1901, 'a', '', '[]', '838:59:59.999999', '1000-01-01', "
+    "'1000-01-01 00:00:00.000001', '2024-02-29 12:00:00', '1970-01-01 00:00:01.000000', "
+    "'', '', x'', x'', -1.5, 1e308, NULL, '2024-01-01 00:00:00'"
+)
+EDGE_ROW_NULLS = (
+    "3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    "'-00:00:00.500000', '0000-00-00', '0000-00-00 00:00:00', '2024-00-00 00:00:00', NULL, "
+    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-01 00:00:00'"
+)
+
+
+def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
+    h = harness
+    h.sql(EDGE_DDL)
+    h.sql("SET SESSION sql_mode = ''")  # allows zero dates, as legacy V3 rows have them
+    with h.admin.connect() as conn:
+        conn.exec_driver_sql("SET SESSION sql_mode = ''")
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.edge VALUES ({EDGE_ROW_MAX}), ({EDGE_ROW_MIN}), ({EDGE_ROW_NULLS})"
+        )
+    h.register(table="edge", primary_key=["id"], cursor={"column": "updated_at"})
+    materialization = h.run("edge")
+    table = h.read(materialization)
+    schema = table.schema
+    expected_types = {
+        "id": pa.uint64(),
+        "d65": pa.decimal256(65, 30),
+        "d20": pa.decimal128(20, 12),
+        "dneg": pa.decimal128(10, 2),
+        "u64": pa.uint64(),
+        "i64": pa.int64(),
+        "u32": pa.uint32(),
+        "i8": pa.int8(),
+        "u8": pa.uint8(),
+        "m24": pa.int32(),
+        "b": pa.bool_(),
+        "bits": pa.uint64(),
+        "y": pa.int16(),
+        "e": pa.string(),
+        "s": pa.string(),
+        "j": pa.string(),
+        "tm": pa.duration("us"),
+        "d": pa.date32(),
+        "dtt": pa.timestamp("us", tz="UTC"),
+        "dt0": pa.timestamp("us", tz="UTC"),
+        "ts": pa.timestamp("us", tz="UTC"),
+        "c": pa.string(),
+        "txt": pa.string(),
+        "blb": pa.binary(),
+        "vb": pa.binary(),
+        "f": pa.float32(),
+        "dbl": pa.float64(),
+        "all_null": pa.decimal128(9, 3),
+    }
+    for name, arrow in expected_types.items():
+        assert schema.field(name).type == arrow, name
+
+    rows = {r["id"]: r for r in table.to_pylist()}
+    top, low, nulls = rows[1], rows[2], rows[3]
+    assert top["d65"] == Decimal("99999999999999999999999999999999999.999999999999999999999999999999")
+    assert low["d65"] == Decimal("-0.000000000000000000000000000001")
+    assert top["d20"] == Decimal("12345678.123456789012")
+    assert top["dneg"] == Decimal("-99999999.99")
+    assert top["u64"] == 2**64 - 1
+    assert top["i64"] == -(2**63) and low["i64"] == 2**63 - 1
+    assert top["u32"] == 2**32 - 1 and top["i8"] == -128 and top["u8"] == 255 and top["m24"] == -8388608
+    assert top["b"] is True and low["b"] is False and nulls["b"] is None
+    assert top["bits"] == 0b111111111111 and low["bits"] == 1
+    assert top["y"] == 2155 and low["y"] == 1901
+    assert top["e"] == "ü" and top["s"] == "x,z" and low["s"] == ""
+    assert top["j"].replace(" ", "") == '{"a":[1,2.5,"😀"]}'
+    assert top["tm"] == -dt.timedelta(hours=838, minutes=59, seconds=59)
+    assert low["tm"] == dt.timedelta(hours=838, minutes=59, seconds=59, microseconds=999999)
+    assert nulls["tm"] == -dt.timedelta(microseconds=500000)
+    assert top["d"] == dt.date(9999, 12, 31) and low["d"] == dt.date(1000, 1, 1)
+    assert top["dtt"] == dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert low["dtt"] == dt.datetime(1000, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+    assert top["ts"] == dt.datetime(2038, 1, 19, 3, 14, 7, 999999, tzinfo=UTC)
+    assert low["ts"] == dt.datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert top["c"] == "ab" and top["txt"] == "emoji 😀 ünïcödé"
+    assert top["blb"] == b"\x00\xff\x10" and top["vb"] == b"\xde\xad\xbe\xef" and low["vb"] == b""
+    assert top["f"] == 1.5 and low["dbl"] == 1e308
+    assert all(r["all_null"] is None for r in rows.values())
+    # zero dates: DATE, DATETIME and a partial zero date -> NULL, and counted
+    assert nulls["d"] is None and nulls["dtt"] is None and nulls["dt0"] is None
+    assert meta(materialization, "datalake/zero_dates_nulled") == 3
+
+
+# --- windows and watermarks -------------------------------------------------------------
+
+
+def test_ties_at_the_boundary_are_neither_lost_nor_repeated(harness: BronzeHarness) -> None:
+    h = harness
+    _events(h)
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) "
+        f"SELECT CONCAT('first-', seq), '2024-05-01 10:00:00.000000' FROM {SCHEMA}.seq_1_to_3000"
+    )
+    first = h.run("events")
+    assert meta(first, "dagster/row_count") == 3000
+    watermark = meta(first, WATERMARK_KEY)
+    # 2000 more rows carry exactly the committed watermark: [lo, hi) must read them next time
+    # (a `>` comparison on the last value seen would lose them).
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) "
+        f"SELECT CONCAT('tie-', seq), :wm FROM {SCHEMA}.seq_1_to_2000",
+        wm=dt.datetime.fromisoformat(watermark).replace(tzinfo=None),
+    )
+    second = h.run("events")
+    assert meta(second, "dagster/row_count") == 2000
+    assert meta(second, "datalake/window_lo") == watermark
+    third = h.run("events")
+    assert meta(third, "dagster/row_count") == 0
+    ids = h.bronze("events").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 5000
+
+
+def test_second_update_within_a_second_across_runs_keeps_both_versions(harness: BronzeHarness) -> None:
+    h = harness
+    _events(h)
+    h.sql(f"INSERT INTO {SCHEMA}.events (id, payload, updated_at) VALUES (1, 'v1', NOW(6))")
+    time.sleep(0.05)
+    h.run("events")
+    h.sql(f"UPDATE {SCHEMA}.events SET payload = 'v2', updated_at = NOW(6) WHERE id = 1")
+    time.sleep(0.05)
+    h.run("events")
+    versions = h.bronze("events").sort_by("updated_at").to_pylist()
+    assert [v["payload"] for v in versions] == ["v1", "v2"]
+    assert versions[1]["updated_at"] - versions[0]["updated_at"] < dt.timedelta(seconds=1)
+
+
+def test_late_commit_is_read_by_a_later_run(harness: BronzeHarness) -> None:
+    h = harness
+    _events(h)
+    # innodb_trx reports a transaction's start to the second, so 'early' is clearly before it.
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('early', NOW(6) - INTERVAL 2 SECOND)")
+    late = h.admin.connect().execution_options(isolation_level="REPEATABLE READ")
+    try:
+        transaction = late.begin()
+        late.exec_driver_sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('late', NOW(6))")
+        time.sleep(0.2)
+        h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('after', NOW(6))")
+        time.sleep(0.05)
+        first = h.run("events")  # the open transaction caps hi at its start
+        transaction.commit()
+    finally:
+        late.close()
+    second = h.run("events")
+    payloads = sorted(h.bronze("events").column("payload").to_pylist())
+    windows = [
+        (meta(m, "datalake/window_lo"), meta(m, "datalake/window_hi"), meta(m, "dagster/row_count"))
+        for m in (first, second)
+    ]
+    assert "late" in payloads, windows
+    assert meta(first, "dagster/row_count") == 1  # 'early' only: hi stops before the open transaction
+    assert meta(second, "dagster/row_count") == 2  # 'late' and 'after'
+    assert sorted(payloads) == ["after", "early", "late"]
+
+
+def test_rerun_without_source_change_reads_nothing(harness: BronzeHarness) -> None:
+    h = harness
+    _events(h)
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', '2024-05-01 10:00:00.123456')")
+    first = h.run("events")
+    second = h.run("events")
+    assert meta(first, "dagster/row_count") == 1
+    assert meta(second, "dagster/row_count") == 0
+    assert h.bronze("events").column("updated_at").to_pylist() == [
+        dt.datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=UTC)
+    ]
+
+
+def test_session_time_zone_berlin_across_dst(harness: BronzeHarness) -> None:
+    """A server whose default time zone is Europe/Berlin: instants still come out in UTC."""
+    h = harness
+    h.sql(
+        f"CREATE TABLE {SCHEMA}.tz (id INT PRIMARY KEY, ts TIMESTAMP(6) NULL, updated_at DATETIME(6) NOT NULL)"
+    )
+    h.register(table="tz", primary_key=["id"], cursor={"column": "updated_at"})
+    with h.admin.connect() as conn:
+        conn.exec_driver_sql("SET time_zone = 'Europe/Berlin'")
+        # 2024-03-31: Berlin jumps from 02:00 CET to 03:00 CEST.
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.tz VALUES (1, '2024-03-31 01:59:59.500000', '2024-01-01'), "
+            "(2, '2024-03-31 03:00:00.500000', '2024-01-01'), (3, '2024-10-27 03:30:00', '2024-01-01')"
+        )
+    h.sql("SET GLOBAL time_zone = 'Europe/Berlin'")
+    try:
+        table = h.read(h.run("tz"))
+    finally:
+        h.sql("SET GLOBAL time_zone = '+00:00'")
+    got = {r["id"]: r["ts"] for r in table.to_pylist()}
+    assert got[1] == dt.datetime(2024, 3, 31, 0, 59, 59, 500000, tzinfo=UTC)
+    assert got[2] == dt.datetime(2024, 3, 31, 1, 0, 0, 500000, tzinfo=UTC)
+    assert got[3] == dt.datetime(2024, 10, 27, 2, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("policy", ["capture", "skip"])
+def test_null_cursor_rows_follow_the_policy(harness: BronzeHarness, policy: str) -> None:
+    h = harness
+    _events(h)
+    h.tables[-1]["null_cursor"] = policy
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES "
+        "('legacy-1', NULL), ('legacy-2', NULL), ('dated', '2024-05-01')"
+    )
+    first = h.run("events")
+    second = h.run("events")
+    if policy == "capture":
+        # Every incremental run reads them again (silver dedups); never silently lost.
+        assert meta(first, "dagster/row_count") == 3 and meta(first, "datalake/null_cursor_rows") == 2
+        assert meta(second, "dagster/row_count") == 2
+    else:
+        assert meta(first, "dagster/row_count") == 1 and meta(first, "datalake/null_cursor_rows") == 0
+        assert meta(second, "dagster/row_count") == 0
+
+
+def test_backfill_is_stateless_and_holds_exactly_that_day(harness: BronzeHarness) -> None:
+    h = harness
+    _events(h)
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES "
+        "('before', '2024-05-01 23:59:59.999999'), ('in-1', '2024-05-02 00:00:00'), "
+        "('in-2', '2024-05-02 23:59:59.999999'), ('after', '2024-05-03 00:00:00'), ('null', NULL)"
+    )
+    incremental = h.run("events")
+    committed = meta(incremental, WATERMARK_KEY)
+    backfill = h.run("events", partition="2024-05-02", tags={"dagster/backfill": "test"})
+    assert sorted(h.read(backfill).column("payload").to_pylist()) == ["in-1", "in-2"]
+    assert meta(backfill, WATERMARK_KEY) is None
+    assert meta(backfill, "datalake/window_kind") == "backfill"
+    # The next incremental run still starts from the watermark the incremental run committed.
+    after = h.run("events")
+    assert meta(after, "datalake/window_lo") == committed
+
+
+def test_run_config_full_refresh_explicit_window_and_set_watermark(harness: BronzeHarness) -> None:
+    h = harness
+    _events(h)
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES "
+        "('a', '2024-05-01'), ('b', '2024-05-02'), ('c', '2024-05-03')"
+    )
+    assert meta(h.run("events"), "dagster/row_count") == 3
+    window = h.run(
+        "events",
+        config={
+            "mode": "window",
+            "window_start": "2024-05-02T00:00:00+00:00",
+            "window_end": "2024-05-03T00:00:00+00:00",
+        },
+    )
+    assert h.read(window).column("payload").to_pylist() == ["b"]
+    assert meta(window, WATERMARK_KEY) is None
+    reset = h.run("events", config={"mode": "incremental", "set_watermark": "2024-05-02T00:00:00+00:00"})
+    assert sorted(h.read(reset).column("payload").to_pylist()) == ["b", "c"]
+    full = h.run("events", config={"mode": "full_refresh"})
+    assert meta(full, "dagster/row_count") == 3 and meta(full, WATERMARK_KEY) is not None
+
+
+def test_added_column_appears_in_new_files_and_reads_by_name(harness: BronzeHarness) -> None:
+    import duckdb
+
+    h = harness
+    _events(h)
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('old', '2024-05-01')")
+    h.run("events")
+    h.sql(f"ALTER TABLE {SCHEMA}.events ADD COLUMN region VARCHAR(8) NULL AFTER payload")
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, region, updated_at) VALUES ('new', 'eu', NOW(6))")
+    time.sleep(0.05)
+    newer = h.run("events")
+    assert "region" in h.read(newer).column_names
+    files = sorted(str(p) for p in (h.root / "lake" / "bronze" / "events").rglob("*.parquet"))
+    rows = (
+        duckdb.connect()
+        .execute(
+            "SELECT payload, region FROM read_parquet(?, union_by_name = true) ORDER BY payload", [files]
+        )
+        .fetchall()
+    )
+    assert rows == [("new", "eu"), ("old", None)]
+
+
+def test_arrow_reader_is_used_for_mysql_and_is_exact_on_the_demo_schema(
+    mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both readers produce the same bronze rows and schema for every demo table."""
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    from datalake.demo.generator import seed_source
+    from datalake.demo.schema import create_schemas, drop_schemas, metadata
+    from datalake.settings import DEFAULT_REGISTRY
+    from datalake.specs import load_registry
+
+    engine = sa.create_engine(mariadb_server.url())
+    drop_schemas(engine)
+    create_schemas(engine)
+    metadata.create_all(engine)
+    seed_source(engine, seed=11, cdr_rows=1500)
+    engine.dispose()
+    results = {}
+    for reader in ("auto", "rows"):
+        (tmp_path / reader).mkdir()
+        h = BronzeHarness(server=mariadb_server, root=tmp_path / reader, reader=reader)
+        h.tables = [
+            s.model_dump(by_alias=True, exclude_none=True, mode="json")
+            for s in load_registry(DEFAULT_REGISTRY)
+        ]
+        tables = {}
+        for spec in h.tables:
+            m = h.run(spec["table"])
+            assert meta(m, "datalake/reader") == ("arrow" if reader == "auto" else "rows")
+            data = h.read(m).drop_columns(["_datalake_run_id", "_datalake_extracted_at", "_datalake_row_seq"])
+            tables[spec["table"]] = data.sort_by([(k, "ascending") for k in spec["primary_key"]])
+        results[reader] = tables
+        h.dispose()
+    for name, arrow_table in results["auto"].items():
+        rows_table = results["rows"][name]
+        assert arrow_table.schema == rows_table.schema, name
+        assert arrow_table.equals(rows_table), name

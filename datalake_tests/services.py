@@ -790,3 +790,102 @@ def start_azurite(base_dir: Path, *, timeout: float = 60.0) -> AzuriteServer:
         return server
 
     return _start_guarded(process, build, started_at)
+
+
+# ---------------------------------------------------------------- Dagster processes (deployment tests)
+
+
+@dataclass(kw_only=True)
+class DagsterProcess(ManagedServer):
+    """A Dagster code server, webserver or daemon started by ``start_dagster_process``.
+
+    ``data_root`` is the process's own scratch directory (its log lives there too); nothing
+    else is owned by it. ``stop()`` signals the process group: a code server's gRPC child
+    and the run workers it launched go down with it.
+    """
+
+    argv: list[str]
+    port: int | None = None
+
+
+def start_dagster_process(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    what: str,
+    ready: Callable[[], object],
+    port: int | None = None,
+    timeout: float = 120.0,
+) -> DagsterProcess:
+    """Start ``argv`` (a ``dagster``/``dagster-webserver``/``dagster-daemon`` command) in its own session.
+
+    ``env`` is the complete environment (nothing is inherited): the deployment tests decide
+    exactly which variables a process sees, as a container would. ``ready`` is called until
+    it stops raising; if the process exits or ``timeout`` passes first, it is stopped and
+    ``ServiceStartError`` carries its log.
+    """
+    started_at = time.monotonic()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n$ {' '.join(argv)}\n".encode())
+        log.flush()
+        try:
+            process = subprocess.Popen(
+                [*_wrapper(None, signal.SIGTERM), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ServiceStartError(f"cannot run {argv[0]}: {exc}") from exc
+
+    def build() -> DagsterProcess:
+        _wait_until_ready(ready, process=process, what=what, logs=[log_path], timeout=timeout)
+        return DagsterProcess(
+            pid=process.pid,
+            process=process,
+            log_path=log_path,
+            data_root=cwd,
+            argv=list(argv),
+            port=port,
+        )
+
+    return _start_guarded(process, build, started_at)
+
+
+def grpc_health_check(dagster_bin: Path, port: int, *, env: dict[str, str], host: str = LOOPBACK) -> None:
+    """``dagster api grpc-health-check`` against ``host:port``; raises unless it passes."""
+    result = subprocess.run(
+        [str(dagster_bin), "api", "grpc-health-check", "-h", host, "-p", str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"grpc-health-check exited {result.returncode}: {result.stdout}{result.stderr}")
+
+
+def http_get_ok(url: str) -> None:
+    """Raises unless ``url`` answers 200 (used as a readiness check for the webserver)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status}")
+
+
+def code_server_ready(dagster_bin: Path, port: int, *, env: dict[str, str], host: str = LOOPBACK) -> None:
+    """Readiness of a code server: its port accepts (cheap to poll), then the gRPC health check passes.
+
+    The health check alone costs a Python start-up per attempt; the TCP probe fails fast until
+    the server has loaded the code and bound the port.
+    """
+    _tcp_accepts(host, port)
+    grpc_health_check(dagster_bin, port, env=env, host=host)

@@ -17,8 +17,20 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from datalake.definitions import BRONZE_JOB, SILVER_REVSCI_JOB, build_definitions, source_resource
+from datalake.assets.revsci import sync_partners
+from datalake.definitions import (
+    BRONZE_JOB,
+    REVSCI_JOB,
+    SILVER_CDR_JOB,
+    SILVER_JOB,
+    build_definitions,
+    source_resource,
+)
 from datalake.settings import Settings, resolve_settings
+from datalake.specs import load_registry
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
 
 
 def _instance() -> dg.DagsterInstance:
@@ -68,11 +80,37 @@ def run_demo(
     print(f"bronze incremental run, partition {today.isoformat()} ...", flush=True)
     result = bronze.execute_in_process(partition_key=today.isoformat(), instance=instance)
     materialized += _materializations(result)
-    print("silver and Rev-Sci ...", flush=True)
-    result = defs.resolve_job_def(SILVER_REVSCI_JOB).execute_in_process(instance=instance)
-    materialized += _materializations(result)
+    materialized += run_downstream(
+        defs, settings, instance, first_day=today - dt.timedelta(days=31), last_day=today
+    )
     print(f"done in {time.monotonic() - started:.1f}s", flush=True)
     return materialized
+
+
+def run_downstream(
+    defs: dg.Definitions,
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    *,
+    first_day: dt.date,
+    last_day: dt.date,
+) -> list[tuple[str, str, int | None, str]]:
+    """Silver, the silver CDR days [first_day, last_day] as one run, then Rev-Sci for every partner as one run."""
+    print("silver ...", flush=True)
+    rows = _materializations(defs.resolve_job_def(SILVER_JOB).execute_in_process(instance=instance))
+    print(f"silver billing_cdr {first_day}..{last_day} (one run) ...", flush=True)
+    result = defs.resolve_job_def(SILVER_CDR_JOB).execute_in_process(
+        instance=instance, tags={RANGE_START: first_day.isoformat(), RANGE_END: last_day.isoformat()}
+    )
+    rows += _materializations(result)
+    # build_resources resolves the EnvVar-held secrets, as a run would.
+    with dg.build_resources({"v3_source": source_resource(settings)}) as resources:
+        partners = sync_partners(instance, resources.v3_source, load_registry(settings.registry_path))
+    print(f"Rev-Sci for {len(partners)} partners (one run) ...", flush=True)
+    result = defs.resolve_job_def(REVSCI_JOB).execute_in_process(
+        instance=instance, tags={RANGE_START: partners[0], RANGE_END: partners[-1]}
+    )
+    return rows + _materializations(result)
 
 
 def print_summary(rows: Sequence[tuple[str, str, int | None, str]], settings: Settings) -> None:

@@ -11,8 +11,9 @@ import dagster as dg
 from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
 
 from datalake.assets.bronze import build_bronze_assets
-from datalake.assets.revsci import build_revsci_assets
+from datalake.assets.revsci import build_partner_sync_sensor, build_revsci_assets
 from datalake.assets.silver import build_silver_assets
+from datalake.checks import build_checks
 from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
 from datalake.lake import DuckDBResource
 from datalake.settings import (
@@ -26,12 +27,14 @@ from datalake.settings import (
     resolve_settings,
 )
 from datalake.source import V3SourceResource
-from datalake.specs import load_registry
+from datalake.specs import Mode, load_registry
 from datalake.storage import AzureBlobResource
 from datalake.watermark import WatermarkResource
 
 BRONZE_JOB = "bronze_job"
-SILVER_REVSCI_JOB = "silver_revsci_job"
+SILVER_JOB = "silver_job"
+SILVER_CDR_JOB = "silver_billing_cdr_job"
+REVSCI_JOB = "revsci_job"
 
 
 def azure_resource(settings: Settings) -> AzureBlobResource:
@@ -65,32 +68,40 @@ def source_resource(settings: Settings) -> V3SourceResource:
         ssl_ca=mysql.ssl_ca,
         ssl_cert=mysql.ssl_cert,
         ssl_key=mysql.ssl_key,
+        reader=mysql.reader,
     )
 
 
 def build_resources(settings: Settings) -> dict[str, object]:
-    """Role key -> implementation, with the storage root of the environment for each group."""
+    """Role key -> implementation, with the storage root of the environment for each group.
+
+    Moving a group between local disk, NFS and ADLS is its ``DATALAKE_ROOT_<GROUP>`` alone: the
+    roots below (and the path input manager's view of them) all come from ``settings.root``.
+    """
     azure = azure_resource(settings)
+    roots = {
+        "bronze_io_manager": settings.root(BRONZE),
+        "silver_io_manager": settings.root(SILVER),
+        "revsci_io_manager": settings.root(VANGUARD_WHOLESALE),
+    }
     return {
         "v3_source": source_resource(settings),
         "watermarks": WatermarkResource(),
         "duckdb_resource": DuckDBResource(),
         "azure": azure,
-        "bronze_io_manager": BronzeIOManager(root=settings.root(BRONZE), azure=azure),
-        "silver_io_manager": ParquetIOManager(root=settings.root(SILVER), azure=azure),
-        "revsci_io_manager": ParquetIOManager(root=settings.root(VANGUARD_WHOLESALE), azure=azure),
-        "duckdb_path_input_manager": DuckDBPathInputManager(
-            bronze_root=settings.root(BRONZE),
-            roots={"silver": settings.root(SILVER), "revsci": settings.root(VANGUARD_WHOLESALE)},
-            azure=azure,
-        ),
+        "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=azure),
+        "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"], azure=azure),
+        "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"], azure=azure),
+        # Reads each upstream where its own IO manager (by role) wrote it.
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots, azure=azure),
     }
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     specs = load_registry(settings.registry_path)
     bronze = build_bronze_assets(specs, settings)
-    downstream = [*build_silver_assets(specs), *build_revsci_assets(specs, settings)]
+    downstream = [*build_silver_assets(specs, settings), *build_revsci_assets(specs, settings)]
+    checks = build_checks(specs, bronze, downstream)
     bronze_job = dg.define_asset_job(
         BRONZE_JOB,
         selection=dg.AssetSelection.groups(BRONZE),
@@ -98,14 +109,88 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         # Runs that read the V3 source: the run coordinator limits them by this tag.
         tags={"datalake/source": "v3"},
     )
-    silver_revsci_job = dg.define_asset_job(
-        SILVER_REVSCI_JOB,
-        selection=dg.AssetSelection.groups(SILVER, VANGUARD_WHOLESALE),
-        description="Rebuild silver and Rev-Sci from the bronze lake.",
+    # One job per partitioning: a job's assets share one partitions definition.
+    partitioned = {a.key for a in downstream if a.partitions_def is not None}
+    silver_job = dg.define_asset_job(
+        SILVER_JOB,
+        selection=dg.AssetSelection.groups(SILVER) - dg.AssetSelection.assets(*partitioned),
+        description="Rebuild the current-state and conformed silver models from the bronze lake.",
     )
+    silver_cdr_job = dg.define_asset_job(
+        SILVER_CDR_JOB,
+        selection=dg.AssetSelection.assets(dg.AssetKey(["silver", "billing_cdr"])),
+        description="Cleaned CDRs for usage days (a range runs as one query: single-run backfill).",
+    )
+    revsci_job = dg.define_asset_job(
+        REVSCI_JOB,
+        selection=dg.AssetSelection.groups(VANGUARD_WHOLESALE),
+        description="Rev-Sci usage for Vanguard Wholesale partners (one partition per partner).",
+    )
+    jobs = [bronze_job, silver_job]
+    keys = {a.key for a in downstream}
+    if dg.AssetKey(["silver", "billing_cdr"]) in keys:
+        jobs.append(silver_cdr_job)
+    if any(a.group_names_by_key.get(a.key) == VANGUARD_WHOLESALE for a in downstream):
+        jobs.append(revsci_job)
+
+    running = (
+        dg.DefaultScheduleStatus.RUNNING if settings.automation_running else dg.DefaultScheduleStatus.STOPPED
+    )
+
+    @dg.schedule(
+        name="bronze_incremental",
+        job=bronze_job,
+        cron_schedule=settings.bronze_cron,
+        execution_timezone=settings.timezone,
+        default_status=running,
+        description="Incremental bronze run for the current ingestion date (DATALAKE_BRONZE_CRON).",
+    )
+    def bronze_incremental(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        day = context.scheduled_execution_time.astimezone(settings.tz).date().isoformat()
+        return dg.RunRequest(partition_key=day)
+
+    reconcile_config = {
+        "ops": {
+            f"bronze__{spec.asset_name}": {"config": {"reconcile_deletes": True}}
+            for spec in specs
+            if spec.mode is Mode.INCREMENTAL
+        }
+    }
+
+    @dg.schedule(
+        name="bronze_delete_reconciliation",
+        job=bronze_job,
+        cron_schedule=settings.deletes_cron,
+        execution_timezone=settings.timezone,
+        default_status=running,
+        description="Incremental run plus primary-key reconciliation: tombstones for rows deleted "
+        "in the source (DATALAKE_DELETES_CRON). On demand: run config reconcile_deletes: true.",
+    )
+    def bronze_delete_reconciliation(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        day = context.scheduled_execution_time.astimezone(settings.tz).date().isoformat()
+        return dg.RunRequest(partition_key=day, run_config=reconcile_config)
+
+    sensors: list[dg.SensorDefinition] = [
+        # Silver and Rev-Sci follow bronze by their automation conditions; this sensor evaluates
+        # them. Dagster's default automation sensor starts stopped, so the status is explicit here.
+        dg.AutomationConditionSensorDefinition(
+            "datalake_automation",
+            target=dg.AssetSelection.groups(SILVER, VANGUARD_WHOLESALE),
+            default_status=dg.DefaultSensorStatus.RUNNING
+            if settings.automation_running
+            else dg.DefaultSensorStatus.STOPPED,
+            minimum_interval_seconds=60,
+        ),
+    ]
+    partner_sync = build_partner_sync_sensor(specs)
+    if partner_sync is not None:
+        sensors.append(partner_sync)
     return dg.Definitions(
         assets=[*bronze, *downstream],
-        jobs=[bronze_job, silver_revsci_job],
+        asset_checks=checks,
+        jobs=jobs,
+        schedules=[bronze_incremental, bronze_delete_reconciliation],
+        sensors=sensors,
         resources=build_resources(settings),
     )
 

@@ -35,11 +35,15 @@ from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
 RUN_ID_COLUMN = "_datalake_run_id"
 EXTRACTED_AT_COLUMN = "_datalake_extracted_at"
 ROW_SEQ_COLUMN = "_datalake_row_seq"
+# True on a tombstone: the key no longer exists in the source (hard delete).
+DELETED_COLUMN = "_datalake_deleted"
 LINEAGE_FIELDS = (
     pa.field(RUN_ID_COLUMN, pa.string(), nullable=False),
     pa.field(EXTRACTED_AT_COLUMN, pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field(ROW_SEQ_COLUMN, pa.int64(), nullable=False),
+    pa.field(DELETED_COLUMN, pa.bool_(), nullable=False),
 )
+LINEAGE_COLUMNS = frozenset(f.name for f in LINEAGE_FIELDS)
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 
@@ -192,6 +196,8 @@ class ExtractionStats:
     batches: int = 0
     zero_dates: int = 0
     null_cursor_rows: int = 0
+    # Keys found deleted in the source by a delete reconciliation (None: none was run).
+    deletes: int | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -216,6 +222,11 @@ class Extraction:
     source: str
     # "arrow" (connectorx + server-side casts) or "rows" (SQLAlchemy/PyMySQL, SQLite demo).
     reader: str = "rows"
+    run_id: str = ""
+    # Set for a delete reconciliation: given the table's existing bronze files and the next row
+    # sequence number, yields tombstone batches (see datalake/deletes.py). The IO manager calls it
+    # after the window's batches, so tombstones land in the same file.
+    reconcile: Callable[..., Iterator[pa.RecordBatch]] | None = None
     # The resolved window, filled in once the read has started (hi is resolved then).
     resolved: dict[str, Any] = field(default_factory=dict)
 
@@ -253,6 +264,7 @@ class Extraction:
             "datalake/seconds": round(stats.seconds, 3),
             "datalake/rows_per_second": round(stats.rows / max(stats.seconds, 1e-9)),
             "datalake/source": self.source,
+            **({"datalake/deletes_found": stats.deletes} if stats.deletes is not None else {}),
         }
 
 
@@ -392,7 +404,10 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
     table = reflect(conn, spec)
     columns = tuple(c for c in table.columns if c.name not in spec.exclude_columns)
     fields = [
-        pa.field(c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=bool(c.nullable))
+        # Only keys are NOT NULL in bronze: delete tombstones carry NULLs in every other column.
+        pa.field(
+            c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=c.name not in spec.primary_key
+        )
         for c in columns
     ]
     return Plan(
@@ -412,6 +427,7 @@ def extract(
     progress_every: float = 15.0,
     source: str = "",
     arrow_url: Callable[[], str] | None = None,
+    reconcile_deletes: bool = False,
 ) -> Extraction:
     """Plans the read and returns an Extraction whose batches stream from the source.
 
@@ -430,6 +446,7 @@ def extract(
         stats=stats,
         source=source,
         reader="arrow" if arrow_url is not None else "rows",
+        run_id=run_id,
     )
     lineage = Lineage(run_id=run_id, extracted_at=dt.datetime.now(dt.UTC))
 
@@ -462,6 +479,10 @@ def extract(
         stats.finished = time.monotonic()
 
     extraction.batches = batches()
+    if reconcile_deletes:
+        from datalake.deletes import reconciler
+
+        extraction.reconcile = reconciler(engine, extraction, batch_size)
     return extraction
 
 
@@ -476,6 +497,7 @@ class Lineage:
             pa.repeat(pa.scalar(self.run_id, pa.string()), n),
             pa.repeat(pa.scalar(self.extracted_at, UTC_TS), n),
             pa.array(range(first_seq, first_seq + n), pa.int64()),
+            pa.repeat(pa.scalar(False), n),
         ]
         return pa.RecordBatch.from_arrays([*columns, *extra], schema=schema)
 

@@ -107,10 +107,16 @@ class Settings:
     batch_size: int
     registry_path: Path
     bronze_cron: str
+    deletes_cron: str = "45 2 * * *"
     v3_pool: str = "v3_mysql"
     # Retries of a bronze step after a source fault (connection lost, lock wait), with back-off.
     bronze_max_retries: int = 3
     bronze_retry_delay_seconds: int = 15
+    # A bronze asset not updated for this long fails its freshness check (warning).
+    bronze_freshness_hours: float = 3.0
+    # Whether the bronze schedule and the automation sensor start running when the code location
+    # is first loaded (prod) or wait to be switched on in the UI (local).
+    automation_running: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def root(self, group: str) -> str:
@@ -244,6 +250,11 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             problems["DATALAKE_EXTRACT_LAG_SECONDS"] = f"must be a non-negative number, got {lag_raw!r}"
 
+    automation_raw = (get("DATALAKE_AUTOMATION") or ("running" if prod else "stopped")).lower()
+    if automation_raw not in ("running", "stopped"):
+        problems["DATALAKE_AUTOMATION"] = f"must be 'running' or 'stopped', got {automation_raw!r}"
+    automation_running = automation_raw == "running"
+
     registry_path = Path(get("DATALAKE_REGISTRY") or DEFAULT_REGISTRY)
     if not registry_path.is_file():
         problems["DATALAKE_REGISTRY"] = f"no such file: {registry_path}"
@@ -259,9 +270,12 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_size=parse_int("DATALAKE_BATCH_SIZE", 50_000),
         registry_path=registry_path,
         bronze_cron=get("DATALAKE_BRONZE_CRON") or "15 * * * *",
+        deletes_cron=get("DATALAKE_DELETES_CRON") or "45 2 * * *",
         v3_pool=get("DATALAKE_V3_POOL") or "v3_mysql",
         bronze_max_retries=parse_int("DATALAKE_BRONZE_MAX_RETRIES", 3, minimum=0),
         bronze_retry_delay_seconds=parse_int("DATALAKE_BRONZE_RETRY_DELAY_SECONDS", 15, minimum=0),
+        bronze_freshness_hours=parse_int("DATALAKE_BRONZE_FRESHNESS_HOURS", 3),
+        automation_running=automation_running,
     )
     if problems:
         raise SettingsError(environment.value, problems)

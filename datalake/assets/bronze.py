@@ -44,6 +44,9 @@ class BronzeRunConfig(dg.Config):
     window_end: str | None = None
     # Start this incremental run from this watermark instead of the committed one (set/reset).
     set_watermark: str | None = None
+    # After the window, reconcile primary keys with the source and write tombstones for keys
+    # deleted there (keys only, streamed). The bronze_delete_reconciliation schedule sets it.
+    reconcile_deletes: bool = False
 
 
 def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
@@ -111,6 +114,12 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
         io_manager_key="bronze_io_manager",
         pool=settings.v3_pool,
         retry_policy=retry_policy(settings),
+        # An incremental table not refreshed within the window shows as stale in the UI.
+        freshness_policy=dg.FreshnessPolicy.time_window(
+            fail_window=dt.timedelta(hours=settings.bronze_freshness_hours)
+        )
+        if spec.mode is Mode.INCREMENTAL
+        else None,
         kinds={"mysql", "parquet"},
         metadata={
             "datalake/source_table": spec.qualified_name,
@@ -152,6 +161,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             log=context.log.info,
             source=v3_source.describe(),
             arrow_url=(lambda: arrow_url) if arrow_url else None,
+            reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,
         )
 
     return _bronze

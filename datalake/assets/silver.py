@@ -1,14 +1,28 @@
-"""Silver: DuckDB over the bronze files in place, deduplicated to current state and joined."""
+"""Silver: DuckDB over the bronze files in place, deduplicated to current state and joined.
+
+- ``silver/<table>_current`` for every incremental registry table: the latest version of each
+  primary key (cursor, then extraction order), without keys the delete reconciliation
+  tombstoned. Generated from the registry.
+- conformed models: ``fact_invoice``, ``dim_customer``, ``dealer_partner_mapping`` (current state,
+  joined) and ``billing_cdr`` (cleaned events, daily partitions by usage day, single-run backfills).
+
+Inputs arrive as ``ParquetPaths`` through the DuckDB path input manager, so DuckDB pushes
+projections and filters down to the files; assets return DuckDB relations that the Parquet IO
+manager streams into the lake.
+"""
 
 from collections.abc import Sequence
 
 import dagster as dg
 import duckdb
 
-from datalake.extract import EXTRACTED_AT_COLUMN, ROW_SEQ_COLUMN
-from datalake.lake import DuckDBResource, ParquetPaths
-from datalake.settings import SILVER
-from datalake.specs import TableSpec
+from datalake.extract import DELETED_COLUMN, EXTRACTED_AT_COLUMN, LINEAGE_COLUMNS, ROW_SEQ_COLUMN
+from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths
+from datalake.settings import SILVER, Settings
+from datalake.specs import Mode, TableSpec
+
+# Silver follows bronze without hand work: each asset runs when its upstream changed.
+FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
 def quote(identifier: str) -> str:
@@ -16,62 +30,242 @@ def quote(identifier: str) -> str:
 
 
 def current_state(relation: duckdb.DuckDBPyRelation, spec: TableSpec) -> duckdb.DuckDBPyRelation:
-    """Latest version per primary key: highest cursor, then latest extraction, then row order."""
+    """Latest version per primary key (highest cursor, then latest extraction, then row order),
+    minus keys whose latest version is a delete tombstone; lineage columns dropped."""
     order: list[str] = []
     if spec.cursor is not None:
         order.append(f"{quote(spec.cursor.column)} DESC NULLS LAST")
     order += [f"{quote(EXTRACTED_AT_COLUMN)} DESC", f"{quote(ROW_SEQ_COLUMN)} DESC"]
     keys = ", ".join(quote(k) for k in spec.primary_key)
+    columns = relation.columns
+    deleted = f"coalesce({quote(DELETED_COLUMN)}, false)" if DELETED_COLUMN in columns else "false"
+    keep = ", ".join(quote(c) for c in columns if c not in LINEAGE_COLUMNS)
+    # identifiers only (validated by the registry, quoted here); no values
     ranked = relation.query(
         "versions",
-        # identifiers only (validated by the registry, quoted here); no values
-        f"SELECT * FROM versions QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {', '.join(order)}) = 1",  # noqa: S608
+        f"SELECT {keep} FROM (SELECT *, {deleted} AS __deleted FROM versions "  # noqa: S608
+        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {', '.join(order)}) = 1) "
+        "WHERE NOT __deleted",
     )
     assert ranked is not None  # a SELECT always yields a relation
     return ranked
 
 
-def bronze_in(table: str) -> dg.AssetIn:
-    return dg.AssetIn(key=dg.AssetKey(["bronze", table]), input_manager_key="duckdb_path_input_manager")
-
-
-def build_silver_assets(specs: Sequence[TableSpec]) -> list[dg.AssetsDefinition]:
-    by_name = {s.asset_name: s for s in specs}
-    needed = ("invoice", "invoice_status", "invoice_data")
-    if any(name not in by_name for name in needed):
-        return []  # a registry without the billing tables (e.g. a team's own source) has no invoice fact
-
-    @dg.asset(
-        key=dg.AssetKey(["silver", "fact_invoice"]),
-        group_name=SILVER,
-        io_manager_key="silver_io_manager",
-        ins={name: bronze_in(name) for name in needed},
-        kinds={"duckdb", "parquet"},
+def path_in(key: Sequence[str], partition_mapping: dg.PartitionMapping | None = None) -> dg.AssetIn:
+    return dg.AssetIn(
+        key=dg.AssetKey(list(key)),
+        input_manager_key="duckdb_path_input_manager",
+        partition_mapping=partition_mapping,
     )
-    def fact_invoice(
-        duckdb_resource: DuckDBResource,
-        invoice: ParquetPaths,
-        invoice_status: ParquetPaths,
-        invoice_data: ParquetPaths,
-    ) -> duckdb.DuckDBPyRelation:
-        """Current state of every invoice with its status and data (invoice ⋈ invoice_status ⋈ invoice_data)."""
-        con = duckdb_resource.connect()
-        current_state(invoice.relation(con), by_name["invoice"]).create_view("inv")
-        current_state(invoice_status.relation(con), by_name["invoice_status"]).create_view("st")
-        current_state(invoice_data.relation(con), by_name["invoice_data"]).create_view("dat")
-        return con.sql(
-            """
-            SELECT inv.invoice_id, inv.customer_id, inv.partner_id, inv.invoice_number,
-                   inv.period_start, inv.period_end, inv.currency, inv.total_amount,
-                   st.status, st.changed_at AS status_changed_at,
-                   dat.line_count, dat.tax_amount, dat.discount_amount,
-                   inv.created_at,
-                   greatest(inv.updated_at, st.updated_at, dat.updated_at) AS updated_at
-            FROM inv
-            LEFT JOIN st ON st.invoice_id = inv.invoice_id
-            LEFT JOIN dat ON dat.invoice_id = inv.invoice_id
-            ORDER BY inv.invoice_id
-            """
-        )
 
-    return [fact_invoice]
+
+def bronze_in(table: str, partition_mapping: dg.PartitionMapping | None = None) -> dg.AssetIn:
+    return path_in(["bronze", table], partition_mapping)
+
+
+def current_key(table: str) -> dg.AssetKey:
+    return dg.AssetKey(["silver", f"{table}_current"])
+
+
+def build_current_state_asset(spec: TableSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=current_key(spec.asset_name),
+        group_name=SILVER,
+        description=f"Current state of {spec.qualified_name}: latest version per "
+        f"{', '.join(spec.primary_key)}, deleted keys removed.",
+        io_manager_key="silver_io_manager",
+        ins={"bronze": bronze_in(spec.asset_name)},
+        kinds={"duckdb", "parquet"},
+        automation_condition=FOLLOW_UPSTREAM,
+        metadata={"datalake/primary_key": ", ".join(spec.primary_key)},
+    )
+    def _current(duckdb_resource: DuckDBResource, bronze: ParquetPaths) -> duckdb.DuckDBPyRelation:
+        con = duckdb_resource.connect()
+        return current_state(bronze.relation(con), spec)
+
+    return _current
+
+
+def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.AssetsDefinition]:
+    assets: list[dg.AssetsDefinition] = []
+    have = set(specs)
+
+    if {"invoice", "invoice_status", "invoice_data"} <= have:
+
+        @dg.asset(
+            key=dg.AssetKey(["silver", "fact_invoice"]),
+            group_name=SILVER,
+            io_manager_key="silver_io_manager",
+            ins={n: path_in(current_key(n).path) for n in ("invoice", "invoice_status", "invoice_data")},
+            kinds={"duckdb", "parquet"},
+            automation_condition=FOLLOW_UPSTREAM,
+            metadata={"datalake/primary_key": "invoice_id"},
+        )
+        def fact_invoice(
+            duckdb_resource: DuckDBResource,
+            invoice: ParquetPaths,
+            invoice_status: ParquetPaths,
+            invoice_data: ParquetPaths,
+        ) -> duckdb.DuckDBPyRelation:
+            """Current state of every invoice with its status and data (invoice ⋈ invoice_status ⋈ invoice_data)."""
+            con = duckdb_resource.connect()
+            invoice.view(con, "inv")
+            invoice_status.view(con, "st")
+            invoice_data.view(con, "dat")
+            return con.sql(
+                """
+                SELECT inv.invoice_id, inv.customer_id, inv.partner_id, inv.invoice_number,
+                       inv.period_start, inv.period_end, inv.currency, inv.total_amount,
+                       st.status, st.changed_at AS status_changed_at,
+                       dat.line_count, dat.tax_amount, dat.discount_amount,
+                       inv.created_at,
+                       greatest(inv.updated_at, st.updated_at, dat.updated_at) AS updated_at
+                FROM inv
+                LEFT JOIN st ON st.invoice_id = inv.invoice_id
+                LEFT JOIN dat ON dat.invoice_id = inv.invoice_id
+                ORDER BY inv.invoice_id
+                """
+            )
+
+        assets.append(fact_invoice)
+
+    if {"dealer_partner_mapping", "dealer", "partner"} <= have:
+
+        @dg.asset(
+            key=dg.AssetKey(["silver", "dealer_partner_mapping"]),
+            group_name=SILVER,
+            io_manager_key="silver_io_manager",
+            ins={n: path_in(current_key(n).path) for n in ("dealer_partner_mapping", "dealer", "partner")},
+            kinds={"duckdb", "parquet"},
+            automation_condition=FOLLOW_UPSTREAM,
+            metadata={"datalake/primary_key": "mapping_id"},
+        )
+        def dealer_partner_mapping(
+            duckdb_resource: DuckDBResource,
+            dealer_partner_mapping: ParquetPaths,
+            dealer: ParquetPaths,
+            partner: ParquetPaths,
+        ) -> duckdb.DuckDBPyRelation:
+            """Which partner each dealer belongs to, over time, with both names; `is_current` marks today's mapping."""
+            con = duckdb_resource.connect()
+            dealer_partner_mapping.view(con, "m")
+            dealer.view(con, "d")
+            partner.view(con, "p")
+            return con.sql(
+                """
+                SELECT m.mapping_id, m.dealer_id, d.name AS dealer_name, d.region AS dealer_region,
+                       m.partner_id, p.name AS partner_name, p.is_wholesale,
+                       m.valid_from, m.valid_to, m.commission_rate,
+                       (m.valid_from <= current_date AND (m.valid_to IS NULL OR m.valid_to > current_date))
+                           AS is_current,
+                       m.updated_at
+                FROM m LEFT JOIN d ON d.dealer_id = m.dealer_id LEFT JOIN p ON p.partner_id = m.partner_id
+                ORDER BY m.mapping_id
+                """
+            )
+
+        assets.append(dealer_partner_mapping)
+
+    dim_inputs = ("customer", "customer_address", "dealer", "dealer_partner_mapping", "partner")
+    if set(dim_inputs) <= have:
+
+        @dg.asset(
+            key=dg.AssetKey(["silver", "dim_customer"]),
+            group_name=SILVER,
+            io_manager_key="silver_io_manager",
+            ins={n: path_in(current_key(n).path) for n in dim_inputs},
+            kinds={"duckdb", "parquet"},
+            automation_condition=FOLLOW_UPSTREAM,
+            metadata={"datalake/primary_key": "customer_id"},
+        )
+        def dim_customer(
+            duckdb_resource: DuckDBResource,
+            customer: ParquetPaths,
+            customer_address: ParquetPaths,
+            dealer: ParquetPaths,
+            dealer_partner_mapping: ParquetPaths,
+            partner: ParquetPaths,
+        ) -> duckdb.DuckDBPyRelation:
+            """One row per current customer with dealer, current partner and primary billing address."""
+            con = duckdb_resource.connect()
+            customer.view(con, "c")
+            customer_address.view(con, "customer_address")
+            dealer.view(con, "d")
+            dealer_partner_mapping.view(con, "dealer_partner_mapping")
+            partner.view(con, "p")
+            return con.sql(
+                """
+                SELECT c.customer_id, c.first_name, c.last_name, c.company_name, c.email,
+                       c.country_code, c.status, c.is_business,
+                       c.dealer_id, d.name AS dealer_name,
+                       m.partner_id, p.name AS partner_name,
+                       a.city AS billing_city, a.postal_code AS billing_postal_code,
+                       c.created_at, c.updated_at
+                FROM c
+                LEFT JOIN d ON d.dealer_id = c.dealer_id
+                LEFT JOIN (SELECT * FROM dealer_partner_mapping
+                           WHERE valid_from <= current_date AND (valid_to IS NULL OR valid_to > current_date)
+                           QUALIFY row_number() OVER (PARTITION BY dealer_id ORDER BY valid_from DESC) = 1) m
+                       ON m.dealer_id = c.dealer_id
+                LEFT JOIN p ON p.partner_id = m.partner_id
+                LEFT JOIN (SELECT * FROM customer_address WHERE address_type = 'billing'
+                           QUALIFY row_number() OVER (PARTITION BY customer_id
+                                                      ORDER BY is_primary DESC, address_id) = 1) a
+                       ON a.customer_id = c.customer_id
+                ORDER BY c.customer_id
+                """
+            )
+
+        assets.append(dim_customer)
+
+    if "billing_cdr" in have:
+        cdr_spec = specs["billing_cdr"]
+
+        @dg.asset(
+            key=dg.AssetKey(["silver", "billing_cdr"]),
+            group_name=SILVER,
+            io_manager_key="silver_io_manager",
+            # Every bronze file may hold a day's CDRs (late arrivals, re-reads): read them all,
+            # filtered by DuckDB at the files to the days this run builds.
+            ins={"bronze": bronze_in("billing_cdr", dg.AllPartitionMapping())},
+            partitions_def=usage_day_partitions(settings),
+            # One range query builds any number of days; the IO manager splits it by usage_date.
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            kinds={"duckdb", "parquet"},
+            automation_condition=FOLLOW_UPSTREAM,
+            metadata={PARTITION_COLUMN_KEY: "usage_date", "datalake/primary_key": "cdr_id"},
+        )
+        def billing_cdr(
+            context: dg.AssetExecutionContext, duckdb_resource: DuckDBResource, bronze: ParquetPaths
+        ) -> duckdb.DuckDBPyRelation:
+            """Cleaned CDRs, one per cdr_id, partitioned by usage day (started_at in the lake's time zone)."""
+            window = context.partition_time_window
+            con = duckdb_resource.connect()
+            current_state(bronze.relation(con), cdr_spec).create_view("cdr")
+            return con.sql(
+                """
+                SELECT cdr_id, subscription_id, customer_id, partner_id, call_type,
+                       started_at, CAST(timezone($tz, started_at) AS DATE) AS usage_date,
+                       duration_seconds, bytes_used, cost, origin, destination, is_roaming, created_at
+                FROM cdr
+                WHERE started_at >= $start AND started_at < $end
+                ORDER BY usage_date, cdr_id
+                """,
+                params={"tz": settings.timezone, "start": window.start, "end": window.end},
+            )
+
+        assets.append(billing_cdr)
+    return assets
+
+
+def usage_day_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
+    # Today is a partition too: the current day's usage so far.
+    return dg.DailyPartitionsDefinition(
+        start_date=settings.partition_start.isoformat(), timezone=settings.timezone, end_offset=1
+    )
+
+
+def build_silver_assets(specs: Sequence[TableSpec], settings: Settings) -> list[dg.AssetsDefinition]:
+    incremental = [s for s in specs if s.mode is Mode.INCREMENTAL]
+    by_name = {s.asset_name: s for s in incremental}
+    return [*(build_current_state_asset(s) for s in incremental), *_conformed(by_name, settings)]

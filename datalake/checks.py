@@ -1,0 +1,188 @@
+"""Asset checks, declared beside the assets they guard.
+
+- silver: primary key unique and non-null on every model that declares one — *blocking*, so a
+  broken silver table never feeds the models and Rev-Sci built on it in the same run;
+- bronze: the latest window reconciled against the source's row count; NULL-cursor rows
+  counted in the source; column-schema changes. Freshness is a ``FreshnessPolicy`` on the
+  incremental bronze assets (datalake/assets/bronze.py).
+"""
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+import duckdb
+import sqlalchemy as sa
+
+from datalake.lake import DuckDBResource, ParquetPaths
+from datalake.source import V3SourceResource
+from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
+from datalake.watermark import decode_watermark
+
+PRIMARY_KEY_METADATA = "datalake/primary_key"
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def primary_key_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition | None:
+    key = asset.key
+    declared = asset.specs_by_key[key].metadata.get(PRIMARY_KEY_METADATA)
+    if not declared:
+        return None
+    columns = [c.strip() for c in str(declared).split(",")]
+
+    spec = dg.AssetCheckSpec(
+        name="primary_key_unique_and_not_null",
+        asset=key,
+        description=f"({', '.join(columns)}) is unique and never NULL.",
+        blocking=True,
+    )
+
+    # A multi-asset check, because it takes the checked asset as a *path* input (DuckDB reads
+    # the files in place; all partitions for a partitioned asset), which `asset_check` can't.
+    @dg.multi_asset_check(
+        name=f"{'__'.join(key.path)}__primary_key",
+        specs=[spec],
+        ins={
+            # An unpartitioned check maps to every partition of a partitioned asset.
+            "data": dg.AssetIn(key=key, input_manager_key="duckdb_path_input_manager")
+        },
+    )
+    def _check(duckdb_resource: DuckDBResource, data: ParquetPaths) -> dg.AssetCheckResult:
+        con = duckdb_resource.connect()
+        data.view(con, "t")
+        keys = ", ".join(_quote(c) for c in columns)
+        nulls = " OR ".join(f"{_quote(c)} IS NULL" for c in columns)
+        row = _one(
+            con,
+            f"SELECT count(*), count(*) FILTER (WHERE {nulls}), "  # noqa: S608 - quoted identifiers only
+            f"count(*) - count(DISTINCT ({keys})) FROM t",
+        )
+        rows, null_keys, duplicates = (int(v) for v in row)
+        return dg.AssetCheckResult(
+            asset_key=key,
+            check_name=spec.name,
+            passed=null_keys == 0 and duplicates == 0,
+            metadata={"rows": rows, "null_keys": null_keys, "duplicate_keys": duplicates},
+        )
+
+    return _check
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
+    (row,) = con.execute(sql).fetchall()
+    return tuple(row)
+
+
+def _source_table(spec: TableSpec, *columns: str) -> sa.TableClause:
+    return sa.table(spec.table, *(sa.column(c) for c in columns), schema=spec.source_schema)
+
+
+def bronze_checks(specs: Sequence[TableSpec]) -> list[dg.AssetChecksDefinition]:
+    checks: list[dg.AssetChecksDefinition] = []
+    for spec in specs:
+        if spec.mode is not Mode.INCREMENTAL or spec.cursor is None:
+            continue
+        checks += [_reconciliation_check(spec), _null_cursor_check(spec)]
+    return checks
+
+
+def _reconciliation_check(spec: TableSpec) -> dg.AssetChecksDefinition:
+    key = dg.AssetKey(["bronze", spec.asset_name])
+    cursor = spec.cursor
+    assert cursor is not None
+
+    @dg.asset_check(
+        asset=key,
+        name="window_reconciles_with_source",
+        description="The latest extracted window holds at least the rows the source has in it now "
+        "(rows updated since moved to a later window; none may be missing).",
+    )
+    def _check(context: dg.AssetCheckExecutionContext, v3_source: V3SourceResource) -> dg.AssetCheckResult:
+        event = context.instance.get_latest_materialization_event(key)
+        materialization = event.asset_materialization if event else None
+        if materialization is None:
+            return dg.AssetCheckResult(passed=True, metadata={"note": "not materialized yet"})
+        meta = {k: v.value for k, v in materialization.metadata.items()}
+        kind = str(meta.get("datalake/window_kind", ""))
+        column = spec.window_column if kind == "backfill" else cursor.column
+        bound_kind = CursorKind.TIMESTAMP if kind == "backfill" else cursor.kind
+        lo, hi = (str(meta.get(f"datalake/window_{b}", "")) for b in ("lo", "hi"))
+        window_column = sa.column(column or cursor.column)
+        table = sa.table(spec.table, window_column, schema=spec.source_schema)
+        where = []
+        if lo:
+            where.append(window_column >= _naive(decode_watermark(lo, bound_kind)))
+        if hi:
+            where.append(window_column < _naive(decode_watermark(hi, bound_kind)))
+        with v3_source.engine().connect() as conn:
+            source_rows = int(
+                conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
+            )
+        bronze_rows = int(meta.get("dagster/row_count", 0)) - int(
+            meta.get("datalake/null_cursor_rows", 0) or 0
+        )  # type: ignore[arg-type]
+        return dg.AssetCheckResult(
+            passed=bronze_rows >= source_rows,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "partition": materialization.partition or "",
+                "window": f"[{lo or '-inf'}, {hi or '+inf'})",
+                "bronze_rows": bronze_rows,
+                "source_rows_now": source_rows,
+            },
+        )
+
+    return _check
+
+
+def _naive(value: Any) -> Any:
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+def _null_cursor_check(spec: TableSpec) -> dg.AssetChecksDefinition:
+    key = dg.AssetKey(["bronze", spec.asset_name])
+    cursor = spec.cursor
+    assert cursor is not None
+
+    @dg.asset_check(
+        asset=key,
+        name="null_cursor_rows",
+        description=f"Counts source rows whose {cursor.column} is NULL; with null_cursor: skip they are "
+        "not extracted, so any is a warning.",
+    )
+    def _check(v3_source: V3SourceResource) -> dg.AssetCheckResult:
+        table = _source_table(spec, cursor.column)
+        with v3_source.engine().connect() as conn:
+            count = int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(table).where(table.c[cursor.column].is_(None))
+                ).scalar_one()
+            )
+        captured = spec.null_cursor is NullCursorPolicy.CAPTURE
+        return dg.AssetCheckResult(
+            passed=captured or count == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"null_cursor_rows": count, "policy": spec.null_cursor.value},
+        )
+
+    return _check
+
+
+def build_checks(
+    specs: Sequence[TableSpec],
+    bronze: Sequence[dg.AssetsDefinition],
+    downstream: Sequence[dg.AssetsDefinition],
+) -> list[dg.AssetChecksDefinition]:
+    """Every check of the location. (Bronze freshness is a FreshnessPolicy on the assets.)"""
+    checks: list[dg.AssetChecksDefinition] = [
+        c for a in downstream if (c := primary_key_check(a)) is not None
+    ]
+    checks += bronze_checks(specs)
+    checks += dg.build_column_schema_change_checks(assets=list(bronze))
+    return checks

@@ -98,7 +98,9 @@ def test_silver_equals_source_after_mutations(
         changes = mutate(source, seed=5, round=round_)
         assert sum(c["deleted"] for c in changes.values()) > 0
         time.sleep(0.05)
-        result = bronze.execute_in_process(partition_key=today.isoformat(), instance=instance, run_config=reconcile)
+        result = bronze.execute_in_process(
+            partition_key=today.isoformat(), instance=instance, run_config=reconcile
+        )
         for event in result.get_asset_materialization_events():
             found = event.materialization.metadata.get("datalake/deletes_found")
             deletes_found += int(found.value) if found is not None else 0  # type: ignore[arg-type]
@@ -114,7 +116,9 @@ def test_silver_equals_source_after_mutations(
             continue
         silver = Path(_uri(rows, f"silver/{spec.asset_name}_current"))
         table = tables[spec.table]
-        assert _silver_checksum(silver, table, tmp_path / "scratch" / spec.table) == checksum(source, table), spec.table
+        assert _silver_checksum(silver, table, tmp_path / "scratch" / spec.table) == checksum(
+            source, table
+        ), spec.table
         compared += 1
     assert compared == 11
 
@@ -126,16 +130,26 @@ def test_silver_equals_source_after_mutations(
             sa.text(
                 "SELECT cdr_id, cost FROM v3_billing.billing_cdr WHERE started_at >= :lo AND started_at < :hi ORDER BY cdr_id"
             ),
-            {"lo": dt.datetime.combine(day, dt.time()), "hi": dt.datetime.combine(day + dt.timedelta(days=1), dt.time())},
+            {
+                "lo": dt.datetime.combine(day, dt.time()),
+                "hi": dt.datetime.combine(day + dt.timedelta(days=1), dt.time()),
+            },
         ).all()
     got = partition.sort("cdr_id").select("cdr_id", "cost").rows()
     assert len(got) == len(expected) > 0
     assert [(int(a), b) for a, b in got] == [(int(a), b) for a, b in expected]
 
     # Rev-Sci equals a direct SQL aggregate on the source, for every partner.
-    usage = pl.read_parquet(list((tmp_path / "lake" / "vanguard_wholesale" / "billing_usage_aggregated").glob("*.parquet")))
+    usage = pl.read_parquet(
+        list((tmp_path / "lake" / "vanguard_wholesale" / "billing_usage_aggregated").glob("*.parquet"))
+    )
     got_usage = {
-        (r["partner_id"], r["usage_date"], r["call_type"]): (r["cdr_count"], r["duration_seconds"], r["bytes_used"], r["cost"])
+        (r["partner_id"], r["usage_date"], r["call_type"]): (
+            r["cdr_count"],
+            r["duration_seconds"],
+            r["bytes_used"],
+            r["cost"],
+        )
         for r in usage.iter_rows(named=True)
     }
     with source.connect() as conn:

@@ -35,7 +35,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from datalake.definitions import BRONZE_JOB, SILVER_REVSCI_JOB, build_definitions
+from datalake.definitions import BRONZE_JOB, SILVER_JOB, build_definitions
 from datalake.settings import resolve_settings
 from datalake_tests.helpers import PROD_ENV, REPO
 from datalake_tests.services import (
@@ -371,6 +371,8 @@ def lake_settings(mariadb_server: MariaDBServer, tmp_path_factory: pytest.TempPa
         "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(lake / "vanguard_wholesale"),
         "DATALAKE_PARTITION_START": (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=30)).isoformat(),
         "DATALAKE_EXTRACT_LAG_SECONDS": "0",
+        # The test launches every run itself: no schedule or automation run may interleave.
+        "DATALAKE_AUTOMATION": "stopped",
     }
 
 
@@ -667,10 +669,10 @@ def test_runs_through_the_code_server_keep_the_watermark_in_postgres(
     assert cdr2["datalake/window_lo"] == watermark1
     watermark2 = cdr2["datalake/watermark"]
 
-    # Silver and Rev-Sci through the same path, over the bronze files both runs wrote.
-    downstream = stack.run(SILVER_REVSCI_JOB)
+    # Silver through the same path, over the bronze files both runs wrote.
+    downstream = stack.run(SILVER_JOB)
     assert downstream["silver/fact_invoice"]["dagster/row_count"] == invoices
-    assert "revsci/billing_usage_aggregated" in downstream.metadata
+    assert "silver/invoice_current" in downstream.metadata
 
     # 3. Restart the code server (as an upgrade or a crash would): the state is not in it.
     first_pid = stack.code_server.pid if stack.code_server else None

@@ -16,7 +16,8 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from datalake.definitions import BRONZE_JOB, SILVER_REVSCI_JOB, build_definitions
+from datalake.cli import run_downstream
+from datalake.definitions import BRONZE_JOB, build_definitions
 from datalake.settings import resolve_settings
 from datalake.specs import Mode, load_registry
 from datalake.watermark import WATERMARK_KEY
@@ -108,10 +109,11 @@ def test_slice_end_to_end(v3_mariadb, mariadb_settings) -> None:
     )
 
     # Silver and Rev-Sci over every bronze file (duplicates across runs are deduplicated).
-    downstream = _materializations(
-        defs.resolve_job_def(SILVER_REVSCI_JOB).execute_in_process(instance=instance)
+    rows = run_downstream(
+        defs, mariadb_settings, instance, first_day=today - dt.timedelta(days=31), last_day=today
     )
-    fact = pl.read_parquet(str(downstream["silver/fact_invoice"].metadata["dagster/uri"].value))
+    uris = {asset: uri for asset, _partition, _count, uri in rows}
+    fact = pl.read_parquet(uris["silver/fact_invoice"])
     expected_fact = _rows(
         source,
         """
@@ -130,7 +132,8 @@ def test_slice_end_to_end(v3_mariadb, mariadb_settings) -> None:
     assert (fact["status"] == "paid").sum() == expected_fact[4]
     assert fact.schema["total_amount"] == pl.Decimal(18, 4)
 
-    usage = pl.read_parquet(str(downstream["revsci/billing_usage_aggregated"].metadata["dagster/uri"].value))
+    partner_files = sorted({uri for asset, _p, _c, uri in rows if asset == "revsci/billing_usage_aggregated"})
+    usage = pl.read_parquet(partner_files)
     got = {
         row["partner_id"]: (row["cdr_count"], row["duration_seconds"], row["bytes_used"], row["cost"])
         for row in usage.group_by("partner_id")
@@ -151,6 +154,6 @@ def test_slice_end_to_end(v3_mariadb, mariadb_settings) -> None:
         )
     }
     assert got == expected_usage
-    assert "vanguard_wholesale" in str(
-        downstream["revsci/billing_usage_aggregated"].metadata["dagster/uri"].value
-    )
+    # one file per partner, under the vanguard_wholesale root
+    assert len(partner_files) == len(expected_usage)
+    assert all("/vanguard_wholesale/billing_usage_aggregated/" in uri for uri in partner_files)

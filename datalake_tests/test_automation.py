@@ -1,0 +1,79 @@
+"""Schedules and sensors: explicit default statuses, the partner sync, the schedule's partition."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from datalake.assets.revsci import PARTNERS
+from datalake.definitions import build_definitions
+from datalake.demo.generator import demo_engine
+from datalake.settings import resolve_settings
+from datalake_tests.helpers import PROD_ENV, lake_env
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "STOPPED"), (PROD_ENV, "RUNNING")])
+def test_default_statuses_are_explicit(env: dict[str, str], expected: str) -> None:
+    defs = build_definitions(resolve_settings(env))
+    schedules = {s.name: s.default_status.value for s in defs.schedules or []}
+    sensors = {s.name: s.default_status.value for s in defs.sensors or []}
+    assert schedules == {"bronze_incremental": expected, "bronze_delete_reconciliation": expected}
+    assert sensors["datalake_automation"] == expected
+    assert sensors["vanguard_partner_sync"] == "RUNNING"
+
+
+def test_override_of_the_automation_default() -> None:
+    defs = build_definitions(resolve_settings({**PROD_ENV, "DATALAKE_AUTOMATION": "stopped"}))
+    assert {s.default_status.value for s in defs.schedules or []} == {"STOPPED"}
+
+
+def test_silver_and_revsci_follow_bronze_by_automation_condition() -> None:
+    graph = build_definitions(resolve_settings({})).resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        condition = graph.get(key).automation_condition
+        if key.path[0] in ("silver", "revsci"):
+            assert condition is not None, key
+        else:
+            assert condition is None, key  # bronze runs on the schedule, bounded by the pool
+
+
+def test_schedule_targets_the_current_ingestion_date() -> None:
+    settings = resolve_settings({"DATALAKE_TIMEZONE": "Europe/Berlin"})
+    defs = build_definitions(settings)
+    schedule = defs.resolve_schedule_def("bronze_incremental")
+    # 23:30 UTC on 2026-03-28 is already the 29th in Berlin.
+    when = dt.datetime(2026, 3, 28, 23, 30, tzinfo=dt.UTC)
+    with dg.build_schedule_context(
+        scheduled_execution_time=when, repository_def=defs.get_repository_def()
+    ) as context:
+        (request,) = schedule.evaluate_tick(context).run_requests or []
+    assert request.partition_key == "2026-03-29"
+
+
+def test_partner_sync_sensor_mirrors_the_mapping(tmp_path: Path) -> None:
+    settings = resolve_settings(
+        lake_env(
+            tmp_path / "lake", {"DATALAKE_DEMO_DIR": str(tmp_path / "demo"), "DATALAKE_DEMO_CDR_ROWS": "500"}
+        )
+    )
+    engine = demo_engine(tmp_path / "demo", cdr_rows=500)
+    with engine.connect() as conn:
+        partners = {
+            str(p)
+            for p in conn.exec_driver_sql(
+                "SELECT DISTINCT partner_id FROM v3_partner.dealer_partner_mapping"
+            ).scalars()
+        }
+    defs = build_definitions(settings)
+    sensor = next(s for s in defs.sensors or [] if s.name == "vanguard_partner_sync")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(PARTNERS.name or "", ["999999"])  # a partner no longer mapped
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    requests = {type(r).__name__: set(r.partition_keys) for r in result.dynamic_partitions_requests or []}
+    assert requests["AddDynamicPartitionsRequest"] == partners
+    assert requests["DeleteDynamicPartitionsRequest"] == {"999999"}

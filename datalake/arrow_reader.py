@@ -9,9 +9,10 @@ the column's declared Arrow type (from the source's metadata, as in the row read
 ==========================  ================================================  ===================
 MySQL type                  selected as                                        restored to
 ==========================  ================================================  ===================
-DECIMAL(p,s)                ``CAST(c AS CHAR)`` (exact decimal text)           decimal128/256(p,s)
-BIGINT UNSIGNED             ``CAST(c AS CHAR)``                                uint64
-BIT(n)                      ``CAST(CAST(c AS UNSIGNED) AS CHAR)``              uint64
+DECIMAL(p,s), p>28 or s>10  ``CAST(c AS CHAR)`` (exact decimal text)           decimal128/256(p,s)
+DECIMAL(p,s), otherwise     as is (decimal128(38,10), exact at that size)      decimal128(p,s)
+BIGINT UNSIGNED             as is (connectorx carries u64 exactly)             uint64
+BIT(n)                      ``CAST(c AS UNSIGNED)``                            uint64
 DATETIME(fsp)               µs since 1970-01-01 (``TIMESTAMPDIFF``), or a      timestamp[us, UTC]
                             sentinel for zero/invalid dates
 TIMESTAMP(fsp)              µs since the epoch (``UNIX_TIMESTAMP``: the        timestamp[us, UTC]

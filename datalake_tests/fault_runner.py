@@ -16,9 +16,11 @@ from typing import Any
 
 import dagster as dg
 
-from datalake.definitions import build_definitions, build_resources
+from datalake.assets.bronze import build_bronze_asset
+from datalake.definitions import build_resources
 from datalake.io_managers import BronzeIOManager
 from datalake.settings import BRONZE, resolve_settings
+from datalake.specs import load_registry
 
 
 class KillAfterWrite(BronzeIOManager):
@@ -33,8 +35,9 @@ def main(mode: str, table: str, partition: str) -> None:
     if mode != "kill-after-write":
         raise SystemExit(f"unknown mode {mode}")
     resources["bronze_io_manager"] = KillAfterWrite(root=settings.root(BRONZE), azure=resources["azure"])  # type: ignore[arg-type]
-    defs = build_definitions(settings)
-    asset = defs.resolve_assets_def(dg.AssetKey(["bronze", table]))
+    # The bare asset (resources are passed below), as the code location builds it.
+    spec = next(s for s in load_registry(settings.registry_path) if s.asset_name == table)
+    asset = build_bronze_asset(spec, settings)
     with dg.DagsterInstance.get() as instance:
         dg.materialize([asset], resources=resources, instance=instance, partition_key=partition)
 

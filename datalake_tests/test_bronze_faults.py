@@ -11,9 +11,11 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
+from datalake.assets.bronze import build_bronze_asset
 from datalake.definitions import build_definitions, build_resources
 from datalake.io_managers import BronzeIOManager
 from datalake.settings import BRONZE, resolve_settings
+from datalake.specs import load_registry
 from datalake.watermark import WATERMARK_KEY
 from datalake_tests.helpers import clean_environ, lake_env, run_cli
 from datalake_tests.services import MariaDBServer
@@ -157,7 +159,7 @@ def test_connection_lost_mid_stream_fails_clearly_and_leaves_nothing(
         admin_url=mariadb_server.url(),
         source_user=mariadb_server.ro_user,
     )
-    asset = build_definitions(settings).resolve_assets_def(dg.AssetKey(["bronze", "billing_cdr"]))
+    asset = build_bronze_asset(load_registry(settings.registry_path)[0], settings)
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
     result = dg.materialize(

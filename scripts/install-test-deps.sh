@@ -45,3 +45,15 @@ else
     npm install --no-audit --no-fund --silent --prefix .tools/azurite azurite@3 >/dev/null
     echo "installed: azurite $(node -p "require('./.tools/azurite/node_modules/azurite/package.json').version") ($azurite_bin)"
 fi
+
+# Headless Chromium for the UI smoke test (datalake_tests/test_ui_backfill.py), which runs
+# /usr/bin/chromium --headless --screenshot against the `dagster dev` it starts.
+if dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q '^install ok installed$'; then
+    echo "present: chromium (apt)"
+else
+    if ((${#apt_missing[@]} == 0)); then
+        apt-get update -qq  # not refreshed above
+    fi
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    echo "installed: chromium $(dpkg-query -W -f='${Version}' chromium) (apt)"
+fi

@@ -18,11 +18,13 @@ Two readers share the planning (window bounds, types, lineage):
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
+from queue import Full, Queue
 from typing import Any
 
 import pyarrow as pa
@@ -478,12 +480,62 @@ def extract(
                     )
         stats.finished = time.monotonic()
 
-    extraction.batches = batches()
+    extraction.batches = prefetch(batches(), depth=2)
     if reconcile_deletes:
         from datalake.deletes import reconciler
 
         extraction.reconcile = reconciler(engine, extraction, batch_size)
     return extraction
+
+
+_DONE = object()
+
+
+def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
+    """Reads ``source`` in a background thread, at most ``depth`` batches ahead.
+
+    The reader (network, decoding, type restores) and the consumer (the Parquet writer) both
+    release the GIL for their heavy parts, so overlapping them nearly halves a bronze run's wall
+    time; memory grows by ``depth`` batches. Errors surface in the consumer at the batch where
+    they happened; a consumer that stops early stops the reader too.
+    """
+    queue: Queue[Any] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.2)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # handed to the consumer
+            queue.put(exc)
+            return
+        finally:
+            if stop.is_set():
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+        queue.put(_DONE)
+
+    thread = threading.Thread(target=produce, name="bronze-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 @dataclass(frozen=True)

@@ -2,32 +2,58 @@
 
 - ``BronzeIOManager``: append-only bronze; one file per run and partition, streamed, atomic;
   its metadata carries the extraction window and commits the watermark.
-- ``ParquetIOManager``: silver, Rev-Sci and dimensions; one file per partition.
+- ``ParquetIOManager``: silver, Rev-Sci and dimensions; one file per partition, including one
+  file per partition from a single-run range backfill.
 - ``DuckDBPathInputManager``: hands silver/gold a ``ParquetPaths`` handle over the upstream
   files instead of loading them.
+
+When an input has no files (never materialized here, or a missing partition), the schema comes
+from, in order: another file of the same asset in the same root; the upstream's latest
+materialization's ``dagster/column_schema``; the upstream definition's ``dagster/column_schema``.
+Metadata rather than a schema sidecar file, because it survives moving a group to a new root
+(the case where no file exists yet) and needs no extra write per materialization.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import itertools
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 import polars as pl
-import pyarrow.parquet as pq
+import pyarrow as pa
+from pydantic import Field
 
 from datalake.extract import Extraction
 from datalake.lake import (
+    DEFAULT_ROW_GROUP_SIZE,
+    PARTITION_COLUMN_KEY,
     ParquetPaths,
+    PartitionAssigner,
+    PartitionMismatch,
+    WriteResult,
     asset_file,
+    asset_prefix,
     bronze_file,
     bronze_partition_of,
     bronze_prefix,
     output_metadata,
-    record_batches,
+    schema_from_table_schema,
+    write_output,
     write_parquet,
+    write_partitions,
 )
 from datalake.storage import AzureBlobResource, LakeStorage
 from datalake.watermark import WATERMARK_KEY, encode_watermark
+
+# Dagster records an asset's IO manager key in its definition metadata under this key (what
+# ``AssetSpec.with_io_manager_key`` sets); the path input manager reads where that role wrote.
+IO_MANAGER_KEY_METADATA = "dagster/io_manager_key"
+BRONZE_ROLE = "bronze_io_manager"
 
 
 def _asset_name(key: dg.AssetKey) -> str:
@@ -42,46 +68,26 @@ class _LakeRoot(dg.ConfigurableIOManager):
         return LakeStorage(self.root, self.azure)
 
 
-class BronzeIOManager(_LakeRoot):
-    """Writes an ``Extraction`` to ``<table>/ingestion_date=D/<table>_<run_id>.parquet``.
-
-    A retry of the same run rewrites only its own file; other runs' files are never touched.
-    """
-
-    def handle_output(self, context: dg.OutputContext, obj: Extraction) -> None:
-        if not isinstance(obj, Extraction):
-            raise TypeError(f"bronze assets return an Extraction, got {type(obj).__name__}")
-        storage = self.storage()
-        table = _asset_name(context.asset_key)
-        relative = bronze_file(table, context.partition_key, context.run_id)
-        written = write_parquet(storage, relative, obj.schema, obj.batches)
-        stats, resolved = obj.stats, obj.resolved
-        metadata: dict[str, Any] = {
-            **output_metadata(storage, relative, written),
-            "datalake/window_kind": obj.window.kind.value,
-            "datalake/window_lo": _text(resolved.get("lo")),
-            "datalake/window_hi": _text(resolved.get("hi")),
-            "datalake/zero_dates_nulled": stats.zero_dates,
-            "datalake/null_cursor_rows": stats.null_cursor_rows,
-            "datalake/batches": stats.batches,
-            "datalake/seconds": round(stats.seconds, 3),
-            "datalake/rows_per_second": round(stats.rows / max(stats.seconds, 1e-9)),
-            "datalake/source": obj.source,
-        }
-        if obj.watermark is not None:
-            # The commit: recorded only because the file above is durably in place.
-            metadata[WATERMARK_KEY] = encode_watermark(obj.watermark)
-        context.add_output_metadata(metadata)
-
-    def load_input(self, context: dg.InputContext) -> pl.LazyFrame:
-        paths = bronze_paths(self.storage(), context)
-        if not paths.files:
-            return pl.LazyFrame(schema=pl.Schema(paths.schema))
-        return pl.scan_parquet(list(paths.files), missing_columns="insert", extra_columns="ignore")
+# --- what an input wants, from its annotation ---------------------------------------
 
 
-def _text(value: Any) -> str:
-    return "" if value is None else encode_watermark(value) if not isinstance(value, str) else value
+@dataclass(frozen=True)
+class _Wanted:
+    lazy: bool
+    # True: a dict {partition key: frame}; False: one frame; None (unannotated): dict if several.
+    as_dict: bool | None
+
+
+def _wanted(context: dg.InputContext) -> _Wanted:
+    hint = context.dagster_type.typing_type
+    if typing.get_origin(hint) in (dict, collections.abc.Mapping):
+        args = typing.get_args(hint)
+        return _Wanted(lazy=len(args) == 2 and args[1] is pl.LazyFrame, as_dict=True)
+    if hint is pl.LazyFrame:
+        return _Wanted(lazy=True, as_dict=False)
+    if hint is pl.DataFrame:
+        return _Wanted(lazy=False, as_dict=False)
+    return _Wanted(lazy=False, as_dict=None)
 
 
 def _mapped_keys(context: dg.InputContext) -> tuple[str, ...] | None:
@@ -91,37 +97,157 @@ def _mapped_keys(context: dg.InputContext) -> tuple[str, ...] | None:
     return tuple(context.asset_partition_keys)
 
 
-def bronze_paths(storage: LakeStorage, context: dg.InputContext) -> ParquetPaths:
-    table = _asset_name(context.asset_key)
+def _scan(storage: LakeStorage, files: Sequence[str]) -> pl.LazyFrame:
+    """A lazy scan over files (native reader, also on Azure); columns unified by name."""
+    scans = []
+    for relative in files:
+        source, options = storage.polars_source(relative)
+        scans.append(pl.scan_parquet(source, storage_options=options))
+    return scans[0] if len(scans) == 1 else pl.concat(scans, how="diagonal_relaxed")
+
+
+def _empty(schema: pa.Schema) -> pl.LazyFrame:
+    frame = pl.from_arrow(schema.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame.lazy()
+
+
+def _shape(frames: Mapping[str, pl.LazyFrame], wanted: _Wanted) -> Any:
+    """Frames per partition as the input asked: one frame or a dict, lazy or collected."""
+
+    def done(frame: pl.LazyFrame) -> pl.LazyFrame | pl.DataFrame:
+        return frame if wanted.lazy else frame.collect()
+
+    if wanted.as_dict or (wanted.as_dict is None and len(frames) > 1):
+        return {key: done(frame) for key, frame in frames.items()}
+    values = list(frames.values())
+    return done(values[0] if len(values) == 1 else pl.concat(values, how="diagonal_relaxed"))
+
+
+# --- schemas when there are no files --------------------------------------------------
+
+
+def resolve_schema(storage: LakeStorage, context: dg.InputContext, candidates: Sequence[str]) -> pa.Schema:
+    """The upstream's schema: its latest file here, else its recorded/declared column schema."""
+    if candidates:
+        return storage.read_schema(candidates[-1])
+    metadata_sources: list[Mapping[str, Any]] = []
+    try:
+        event = context.instance.get_latest_materialization_event(context.asset_key)
+    except Exception:  # no instance (a bare InputContext): only the definition is left
+        event = None
+    if event is not None and event.asset_materialization is not None:
+        metadata_sources.append(event.asset_materialization.metadata)
+    upstream = context.upstream_output
+    if upstream is not None:
+        metadata_sources.append(upstream.definition_metadata or {})
+    for metadata in metadata_sources:
+        schema = schema_from_table_schema(metadata.get("dagster/column_schema"))
+        if schema is not None:
+            return schema
+    raise dg.Failure(
+        f"{context.asset_key.to_user_string()} has no files under {storage.uri('')} and no recorded "
+        "dagster/column_schema to build an empty input from: materialize it first"
+    )
+
+
+# --- bronze --------------------------------------------------------------------------
+
+
+class BronzeIOManager(_LakeRoot):
+    """Writes an ``Extraction`` to ``<table>/ingestion_date=D/<table>_<run_id>.parquet``.
+
+    Streamed: one row group per extracted batch, so memory follows the batch size. A retry of
+    the same run rewrites only its own file; other runs' files are never touched.
+    Loads (for assets that want frames) follow the annotation: ``pl.LazyFrame`` scans,
+    ``pl.DataFrame`` reads; ``dict[str, …]`` gives one frame per ingestion date.
+    """
+
+    def handle_output(self, context: dg.OutputContext, obj: Extraction) -> None:
+        if not isinstance(obj, Extraction):
+            raise TypeError(f"bronze assets return an Extraction, got {type(obj).__name__}")
+        storage = self.storage()
+        table = _asset_name(context.asset_key)
+        relative = bronze_file(table, context.partition_key, context.run_id)
+        batches: Iterator[pa.RecordBatch] = obj.batches
+        if obj.reconcile is not None:
+            # Delete reconciliation: tombstones follow the window's rows in the same file; the
+            # keys are compared with every file of the table already in the lake (not this one).
+            existing = [f for f in storage.list_files(bronze_prefix(table)) if f != relative]
+            handle = ParquetPaths(
+                asset_key=context.asset_key,
+                files=tuple(storage.reader_path(f) for f in existing),
+                schema=obj.schema,
+                filesystem=storage.fs if storage.root.is_azure else None,
+            )
+            reconcile = obj.reconcile
+            batches = itertools.chain(batches, _later(lambda: reconcile(handle, obj.stats.rows)))
+        written = write_parquet(storage, relative, obj.schema, batches)
+        metadata: dict[str, Any] = {**output_metadata(written), **obj.metadata()}
+        if obj.watermark is not None:
+            # The commit: recorded only because the file above is durably in place.
+            metadata[WATERMARK_KEY] = encode_watermark(obj.watermark)
+        context.add_output_metadata(metadata)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        storage = self.storage()
+        files, all_files, keys = _bronze_listing(storage, context)
+        wanted = _wanted(context)
+        if not files:
+            schema = resolve_schema(storage, context, all_files)
+            return _shape({"": _empty(schema)}, _Wanted(wanted.lazy, as_dict=False))
+        if wanted.as_dict and keys is not None:
+            by_key = {k: [f for f in files if bronze_partition_of(f) == k] for k in keys}
+            schema = resolve_schema(storage, context, files)
+            return _shape(
+                {k: _scan(storage, fs) if fs else _empty(schema) for k, fs in by_key.items()}, wanted
+            )
+        return _shape({"": _scan(storage, files)}, _Wanted(wanted.lazy, as_dict=False))
+
+
+def _later(make: Callable[[], Iterator[pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:
+    """Starts ``make()`` only when reached: after the window's batches are written."""
+    yield from make()
+
+
+def _bronze_listing(
+    storage: LakeStorage, context: dg.InputContext
+) -> tuple[list[str], list[str], tuple[str, ...] | None]:
+    """(files of the mapped ingestion dates — every run's file, all files of the table, mapped keys)."""
     keys = _mapped_keys(context)
-    all_files = storage.list_files(bronze_prefix(table))
+    all_files = storage.list_files(bronze_prefix(_asset_name(context.asset_key)))
     wanted = None if keys is None else set(keys)
     files = [f for f in all_files if wanted is None or bronze_partition_of(f) in wanted]
-    return _paths(storage, context.asset_key, files, all_files, keys)
+    return files, all_files, keys
+
+
+def bronze_paths(storage: LakeStorage, context: dg.InputContext) -> ParquetPaths:
+    """The bronze files of the mapped ingestion dates, as a path handle."""
+    files, all_files, keys = _bronze_listing(storage, context)
+    return _paths(storage, context, files, all_files, keys)
+
+
+def asset_paths(storage: LakeStorage, context: dg.InputContext) -> ParquetPaths:
+    """The files of a ParquetIOManager asset for the mapped partitions, as a path handle."""
+    name = _asset_name(context.asset_key)
+    keys = _mapped_keys(context)
+    all_files = storage.list_files(asset_prefix(name))
+    wanted = [asset_file(name, None)] if keys is None else [asset_file(name, k) for k in keys]
+    present = set(all_files)
+    return _paths(storage, context, [f for f in wanted if f in present], all_files, keys)
 
 
 def _paths(
     storage: LakeStorage,
-    key: dg.AssetKey,
+    context: dg.InputContext,
     files: list[str],
     all_files: list[str],
     keys: tuple[str, ...] | None,
 ) -> ParquetPaths:
-    if files:
-        schema = None
-    elif all_files:
-        with storage.open_read(all_files[-1]) as handle:
-            schema = pq.read_schema(handle)
-    else:
-        raise dg.Failure(
-            f"{key.to_user_string()} has no files in the lake yet: materialize it first "
-            f"(looked under {storage.uri(key.path[-1])})"
-        )
-    if schema is None:
-        with storage.open_read(files[-1]) as handle:
-            schema = pq.read_schema(handle)
+    # Schema from the mapped files when there are any, else from any file of the asset, else metadata.
+    schema = resolve_schema(storage, context, files or all_files)
     return ParquetPaths(
-        asset_key=key,
+        asset_key=context.asset_key,
         files=tuple(storage.reader_path(f) for f in files),
         schema=schema,
         partition_keys=keys,
@@ -129,55 +255,142 @@ def _paths(
     )
 
 
-class ParquetIOManager(_LakeRoot):
-    """Silver, Rev-Sci and dimension tables: zstd Parquet, one file per partition, atomic."""
+# --- silver, Rev-Sci, dimensions ------------------------------------------------------
 
-    row_group_size: int = 122_880
+
+class ParquetIOManager(_LakeRoot):
+    """Silver, Rev-Sci and dimension tables: zstd Parquet with statistics, one file per partition.
+
+    Stores polars DataFrames and LazyFrames (sunk, never collected), pyarrow Tables, record-batch
+    readers and DuckDB relations. A partitioned asset run over a range of partitions (single-run
+    backfill) returns one output; it is split into one file per partition by the column named in
+    the asset's ``datalake/partition_column`` metadata (or the asset returns a dict
+    {partition key: frame}). Partitions of the range without rows get an empty file with the schema,
+    and each partition's materialization records its own row count.
+    """
+
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         storage = self.storage()
         name = _asset_name(context.asset_key)
-        partition = context.partition_key if context.has_asset_partitions else None
-        relative = asset_file(name, partition)
-        schema, batches = record_batches(obj, self.row_group_size)
-        written = write_parquet(storage, relative, schema, batches, row_group_size=self.row_group_size)
-        context.add_output_metadata(output_metadata(storage, relative, written))
+        if not context.has_asset_partitions:
+            written = write_output(storage, asset_file(name, None), obj, row_group_size=self.row_group_size)
+            context.add_output_metadata(output_metadata(written))
+            return
+        keys = list(context.asset_partition_keys)
+        files = {key: asset_file(name, key) for key in keys}
+        column = context.definition_metadata.get(PARTITION_COLUMN_KEY)
+        if isinstance(obj, Mapping):
+            results = self._write_dict(storage, files, obj)
+        elif column:
+            assigner = PartitionAssigner.for_partitions(context.asset_partitions_def, keys, str(column))
+            try:
+                results = write_partitions(storage, files, obj, assigner, row_group_size=self.row_group_size)
+            except PartitionMismatch as exc:
+                raise dg.Failure(f"{context.asset_key.to_user_string()}: {exc}; nothing was written") from exc
+        elif len(keys) == 1:
+            results = {
+                keys[0]: write_output(storage, files[keys[0]], obj, row_group_size=self.row_group_size)
+            }
+        else:
+            raise dg.Failure(
+                f"{context.asset_key.to_user_string()} returned one output for {len(keys)} partitions: "
+                f"declare the column that places a row in a partition as metadata "
+                f"{{'{PARTITION_COLUMN_KEY}': '<column>'}}, or return a dict {{partition key: frame}}"
+            )
+        _record(context, results)
+
+    def _write_dict(
+        self, storage: LakeStorage, files: Mapping[str, str], obj: Mapping[Any, Any]
+    ) -> dict[str, WriteResult]:
+        unknown = sorted(str(k) for k in obj if k not in files)
+        if unknown:
+            raise dg.Failure(f"partition keys {unknown} are not targeted by this run")
+        results = {
+            key: write_output(storage, files[key], value, row_group_size=self.row_group_size)
+            for key, value in obj.items()
+        }
+        schema = next((r.schema for r in results.values() if r.schema is not None), None)
+        for key in files:
+            if key not in results and schema is not None:
+                results[key] = write_output(
+                    storage, files[key], schema.empty_table(), row_group_size=self.row_group_size
+                )
+        return results
 
     def load_input(self, context: dg.InputContext) -> Any:
         storage = self.storage()
         name = _asset_name(context.asset_key)
         keys = _mapped_keys(context)
-        lazy = context.dagster_type.typing_type is pl.LazyFrame
-        files = [asset_file(name, None)] if keys is None else [asset_file(name, k) for k in keys]
-        storage_options = None
-        if storage.root.is_azure:
-            frames = {f: pl.read_parquet(storage.open_read(f)) for f in files}
-            loaded: dict[str, pl.LazyFrame | pl.DataFrame] = {
-                f: (df.lazy() if lazy else df) for f, df in frames.items()
-            }
-        else:
-            loaded = {
-                f: (
-                    pl.scan_parquet(storage.path(f), storage_options=storage_options)
-                    if lazy
-                    else pl.read_parquet(storage.path(f))
-                )
-                for f in files
-            }
-        if keys is None or len(keys) == 1:
-            return next(iter(loaded.values()))
-        return dict(zip(keys, loaded.values(), strict=True))
+        wanted = _wanted(context)
+        present = storage.list_files(asset_prefix(name))
+        targets = {"": asset_file(name, None)} if keys is None else {k: asset_file(name, k) for k in keys}
+        missing = [key for key, f in targets.items() if f not in present]
+        frames: dict[str, pl.LazyFrame] = {}
+        schema: pa.Schema | None = None
+        if missing:
+            context.log.warning(
+                f"{context.asset_key.to_user_string()}: no file for partition(s) "
+                f"{', '.join(missing) or '(unpartitioned)'}; loading them as empty frames"
+            )
+            schema = resolve_schema(storage, context, present)
+        for key, relative in targets.items():
+            frames[key] = _scan(storage, [relative]) if key not in missing else _empty(schema)  # type: ignore[arg-type]
+        if keys is None:
+            wanted = _Wanted(wanted.lazy, as_dict=False)
+        return _shape(frames, wanted)
+
+
+def _record(context: dg.OutputContext, results: Mapping[str, WriteResult]) -> None:
+    """Metadata per partition: each partition's materialization gets its own file, rows and bytes."""
+    if len(results) == 1:
+        context.add_output_metadata(output_metadata(next(iter(results.values())), partitioned=True))
+        return
+    total = sum(r.rows for r in results.values())
+    summary = {
+        "datalake/range_partitions": len(results),
+        "datalake/range_row_count": total,
+        "datalake/range_bytes_written": sum(r.bytes for r in results.values()),
+    }
+    try:
+        step = context.step_context
+    except Exception:  # a bare OutputContext (direct call): no per-partition events to attach to
+        step = None
+    if step is None:
+        context.add_output_metadata(
+            {**summary, "datalake/partition_row_counts": {k: r.rows for k, r in results.items()}}
+        )
+        return
+    for key, written in results.items():
+        # Partition-scoped entries override the output's for that partition's materialization event.
+        step.add_asset_metadata(
+            output_metadata(written, partitioned=True), asset_key=context.asset_key, partition_key=key
+        )
+    context.add_output_metadata(summary)
+
+
+# --- DuckDB path inputs ----------------------------------------------------------------
 
 
 class DuckDBPathInputManager(dg.ConfigurableIOManager):
     """Hands an asset ``ParquetPaths`` for the upstream's mapped partitions (one, a range, all).
 
-    An input manager only (``AssetIn(input_manager_key=...)``); it stores nothing.
+    An input manager only (``AssetIn(input_manager_key=...)``); it stores nothing. It reads where
+    the upstream's own IO manager wrote: ``roots`` maps that IO manager's role key to its root,
+    so moving a group's root moves its readers with it.
     """
 
-    bronze_root: str
-    # Root of each non-bronze layer by asset-key prefix, e.g. {'silver': ..., 'revsci': ...}.
     roots: dict[str, str]
+    # Roles that write the append-only bronze layout; every other role writes <asset>/<key>.parquet.
+    append_only_roles: list[str] = Field(default_factory=lambda: [BRONZE_ROLE])
+    layer_roles: dict[str, str] = Field(
+        default_factory=lambda: {
+            "bronze": BRONZE_ROLE,
+            "silver": "silver_io_manager",
+            "revsci": "revsci_io_manager",
+        }
+    )
     azure: AzureBlobResource
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
@@ -186,17 +399,19 @@ class DuckDBPathInputManager(dg.ConfigurableIOManager):
         )
 
     def load_input(self, context: dg.InputContext) -> ParquetPaths:
-        key = context.asset_key
-        layer = key.path[0] if len(key.path) > 1 else ""
-        if layer == "bronze":
-            return bronze_paths(LakeStorage(self.bronze_root, self.azure), context)
-        root = self.roots.get(layer)
+        upstream = context.upstream_output
+        role = (upstream.definition_metadata or {}).get(IO_MANAGER_KEY_METADATA) if upstream else None
+        # Inputs of asset checks don't see the upstream's definition metadata: fall back to the
+        # role of the asset key's layer prefix (bronze/…, silver/…, revsci/…).
+        role = role or self.layer_roles.get(context.asset_key.path[0])
+        role = str(role) if role else "io_manager"
+        root = self.roots.get(role)
         if root is None:
-            raise dg.Failure(f"no storage root for {key.to_user_string()} (layer {layer!r})")
+            raise dg.Failure(
+                f"{context.asset_key.to_user_string()} is stored by IO manager {role!r}, which has no "
+                f"lake root here (known: {', '.join(sorted(self.roots))})"
+            )
         storage = LakeStorage(root, self.azure)
-        name = _asset_name(key)
-        keys = _mapped_keys(context)
-        all_files = storage.list_files(name + "/")
-        wanted = [asset_file(name, None)] if keys is None else [asset_file(name, k) for k in keys]
-        present = set(all_files)
-        return _paths(storage, key, [f for f in wanted if f in present], all_files, keys)
+        if role in self.append_only_roles:
+            return bronze_paths(storage, context)
+        return asset_paths(storage, context)

@@ -3,18 +3,22 @@
 Layout (DESIGN §3.4, §2):
 - bronze:  ``<root>/<table>/ingestion_date=YYYY-MM-DD/<table>_<run_id>.parquet`` (append-only)
 - others:  ``<root>/<asset>/<partition key>.parquet`` or ``<root>/<asset>/<asset>.parquet``
+
+Every file is zstd-compressed with statistics and appears atomically (``LakeStorage.atomic_writer``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import dagster as dg
 import duckdb
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -22,6 +26,13 @@ from datalake.storage import LakeStorage, safe_segment
 
 INGESTION_DATE = "ingestion_date"
 DEFAULT_ROW_GROUP_SIZE = 122_880  # DuckDB's row-group size: good pruning granularity for its scans
+# Asset definition metadata naming the column that places a row in a partition; lets one output
+# of a single-run range backfill be split into one file per partition.
+PARTITION_COLUMN_KEY = "datalake/partition_column"
+COMPRESSION = "zstd"
+
+
+# --- layout ------------------------------------------------------------------------
 
 
 def bronze_prefix(table: str) -> str:
@@ -40,21 +51,148 @@ def bronze_partition_of(relative: str) -> str | None:
     return None
 
 
+def asset_prefix(asset: str) -> str:
+    return safe_segment(asset) + "/"
+
+
 def asset_file(asset: str, partition_key: str | None) -> str:
     name = safe_segment(asset)
     return f"{name}/{safe_segment(partition_key) if partition_key is not None else name}.parquet"
 
 
+# --- schemas in metadata -----------------------------------------------------------
+
+
 def table_schema(schema: pa.Schema) -> dg.TableSchema:
+    """``dagster/column_schema`` from an Arrow schema; types are Arrow's own type strings."""
     return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
+
+
+_TIMESTAMP = re.compile(r"timestamp\[(s|ms|us|ns)(?:, tz=(.+))?\]")
+_DECIMAL = re.compile(r"decimal(32|64|128|256)\((\d+), (-?\d+)\)")
+_FIXED_BINARY = re.compile(r"fixed_size_binary\[(\d+)\]")
+_LIST = re.compile(r"(large_)?list<item: (.+)>")
+_DICTIONARY = re.compile(r"dictionary<values=(.+), indices=\w+, ordered=\d>")
+
+
+def arrow_type(text: str) -> pa.DataType:
+    """Inverse of ``str(pa.DataType)`` for the types a lake table holds (not structs or maps)."""
+    text = text.strip()
+    with contextlib.suppress(ValueError, KeyError):
+        return pa.type_for_alias(text)
+    if m := _TIMESTAMP.fullmatch(text):
+        return pa.timestamp(m.group(1), tz=m.group(2))  # type: ignore[arg-type]
+    if m := _DECIMAL.fullmatch(text):
+        make = {"32": pa.decimal32, "64": pa.decimal64, "128": pa.decimal128, "256": pa.decimal256}
+        return make[m.group(1)](int(m.group(2)), int(m.group(3)))
+    if m := _FIXED_BINARY.fullmatch(text):
+        return pa.binary(int(m.group(1)))
+    if m := _LIST.fullmatch(text):
+        item = arrow_type(m.group(2))
+        return pa.large_list(item) if m.group(1) else pa.list_(item)
+    if m := _DICTIONARY.fullmatch(text):
+        return arrow_type(m.group(1))  # the values are what a reader sees
+    raise ValueError(f"cannot rebuild Arrow type {text!r}")
+
+
+def schema_from_table_schema(value: Any) -> pa.Schema | None:
+    """The Arrow schema behind a ``dagster/column_schema`` entry; None if it cannot be rebuilt."""
+    if isinstance(value, dg.TableSchemaMetadataValue):
+        value = value.value
+    if not isinstance(value, dg.TableSchema) or not value.columns:
+        return None
+    try:
+        return pa.schema([pa.field(c.name, arrow_type(c.type)) for c in value.columns])
+    except ValueError:
+        return None
+
+
+# --- writing -----------------------------------------------------------------------
 
 
 @dataclass
 class WriteResult:
+    relative: str
+    uri: str
     rows: int = 0
     row_groups: int = 0
     bytes: int = 0
     schema: pa.Schema | None = None
+
+
+class _ParquetSink:
+    """One Parquet file being written from record batches.
+
+    ``row_group_size=None``: each incoming batch is one row group (bronze: one source batch = one
+    row group). Otherwise batches are buffered and written in row groups of that many rows, so a
+    stream of small batches does not produce small row groups.
+    """
+
+    def __init__(
+        self,
+        handle: IO[bytes],
+        schema: pa.Schema,
+        row_group_size: int | None,
+        dictionary_pagesize_limit: int | None = None,
+    ):
+        self.schema = schema
+        self.row_group_size = row_group_size
+        self.writer = pq.ParquetWriter(
+            handle,
+            schema,
+            compression=COMPRESSION,
+            write_statistics=True,
+            dictionary_pagesize_limit=dictionary_pagesize_limit,
+        )
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.row_groups = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        if batch.schema != self.schema:
+            batch = _conform(batch, self.schema)
+        if self.row_group_size is None:
+            self.writer.write_batch(batch, row_group_size=batch.num_rows)
+            self.rows += batch.num_rows
+            self.row_groups += 1
+            return
+        self.pending.append(batch)
+        self.pending_rows += batch.num_rows
+        if self.pending_rows >= self.row_group_size:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if not self.pending:
+            return
+        table = pa.Table.from_batches(self.pending, schema=self.schema)
+        size = self.row_group_size or table.num_rows
+        # Whole row groups only, until the end (or a memory flush): the remainder waits for more rows.
+        cut = table.num_rows if final else (table.num_rows // size) * size
+        head, rest = table.slice(0, cut), table.slice(cut)
+        if head.num_rows:
+            self.writer.write_table(head, row_group_size=size)
+            self.rows += head.num_rows
+            self.row_groups += -(-head.num_rows // size)
+        # A copy of just the remainder: slices would keep the whole incoming batches alive.
+        self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+
+    def flush_pending(self) -> None:
+        """Writes what is buffered as a (short) row group now, to free its memory."""
+        self._flush(final=True)
+
+    def close(self) -> None:
+        self._flush(final=True)
+        self.writer.close()
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    if batch.schema.names != schema.names:
+        batch = batch.select(schema.names)
+    return batch.cast(schema)
 
 
 def write_parquet(
@@ -65,41 +203,229 @@ def write_parquet(
     *,
     row_group_size: int | None = None,
 ) -> WriteResult:
-    """Streams batches into one Parquet file that becomes visible atomically.
-
-    With ``row_group_size=None`` each incoming batch becomes one row group (bronze: one
-    source batch = one row group); otherwise rows are regrouped to that size.
-    """
-    result = WriteResult(schema=schema)
-    with storage.atomic_writer(relative) as sink:
-        writer = pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=True)
+    """Streams batches into one Parquet file that becomes visible atomically."""
+    with storage.atomic_writer(relative) as handle:
+        sink = _ParquetSink(handle, schema, row_group_size)
         try:
             for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                if batch.schema != schema:
-                    batch = (
-                        batch.cast(schema)
-                        if batch.schema.names == schema.names
-                        else batch.select(schema.names).cast(schema)
-                    )
-                writer.write_batch(batch, row_group_size=row_group_size or batch.num_rows)
-                result.rows += batch.num_rows
-                result.row_groups += 1
-        finally:
-            writer.close()
-    result.bytes = storage.size(relative)
-    return result
+                sink.write(batch)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                sink.writer.close()
+            raise
+        sink.close()
+    return WriteResult(
+        relative=relative,
+        uri=storage.uri(relative),
+        rows=sink.rows,
+        row_groups=sink.row_groups,
+        bytes=storage.size(relative),
+        schema=schema,
+    )
 
 
-def output_metadata(storage: LakeStorage, relative: str, written: WriteResult) -> dict[str, Any]:
+def write_output(storage: LakeStorage, relative: str, obj: Any, *, row_group_size: int) -> WriteResult:
+    """Any supported output into one file, streamed: a LazyFrame is sunk, never collected."""
+    if isinstance(obj, (pl.LazyFrame, pl.DataFrame)):
+        with storage.atomic_writer(relative) as handle:
+            if isinstance(obj, pl.LazyFrame):
+                obj.sink_parquet(
+                    handle, compression=COMPRESSION, statistics=True, row_group_size=row_group_size
+                )
+            else:
+                obj.write_parquet(
+                    handle, compression=COMPRESSION, statistics=True, row_group_size=row_group_size
+                )
+        footer = storage.read_metadata(relative)
+        return WriteResult(
+            relative=relative,
+            uri=storage.uri(relative),
+            rows=footer.num_rows,
+            row_groups=footer.num_row_groups,
+            bytes=storage.size(relative),
+            schema=footer.schema.to_arrow_schema(),
+        )
+    schema, batches = record_batches(obj, row_group_size)
+    return write_parquet(storage, relative, schema, batches, row_group_size=row_group_size)
+
+
+# Row groups a range split may hold in memory across all partitions before it writes short ones.
+PENDING_ROW_GROUPS = 2
+# An open Parquet writer keeps its dictionary encoders' memory (~0.5 MB per column at the default
+# 1 MiB page limit) while a split keeps one writer per partition open; a smaller limit makes that
+# ~1 MB per partition. Low-cardinality columns (the ones dictionaries help) stay well below it.
+SPLIT_DICTIONARY_PAGE_LIMIT = 256 * 1024
+
+
+class PartitionMismatch(ValueError):
+    """Rows of a range output that fall in no targeted partition."""
+
+
+@dataclass(frozen=True)
+class PartitionAssigner:
+    """Places each row of a range output in one of the targeted partitions, by one column.
+
+    Time-window partitions: a DATE or TIMESTAMP value belongs to the partition whose window
+    [start, end) contains it (naive values are read in the partitions' time zone); a string
+    value must equal a key. Other partitions: the value, as text, must equal a key.
+    """
+
+    column: str
+    keys: tuple[str, ...]
+    timezone: str | None = None
+    starts_us: tuple[int, ...] = ()
+    ends_us: tuple[int, ...] = ()
+
+    @classmethod
+    def for_partitions(
+        cls, partitions_def: dg.PartitionsDefinition, keys: Sequence[str], column: str
+    ) -> PartitionAssigner:
+        if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+            raise ValueError("splitting a range output by column is not supported for multi-partitions")
+        if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
+            windows = [partitions_def.time_window_for_partition_key(k) for k in keys]
+            return cls(
+                column=column,
+                keys=tuple(keys),
+                timezone=partitions_def.timezone,
+                starts_us=tuple(_epoch_us(w.start) for w in windows),
+                ends_us=tuple(_epoch_us(w.end) for w in windows),
+            )
+        return cls(column=column, keys=tuple(keys))
+
+    def assign(self, batch: pa.RecordBatch) -> pl.Series:
+        """Index into ``keys`` of every row; raises ``PartitionMismatch`` for rows in no partition."""
+        if self.column not in batch.schema.names:
+            raise PartitionMismatch(
+                f"the output has no partition column {self.column!r} (columns: {', '.join(batch.schema.names)})"
+            )
+        original = values = pl.Series(self.column, batch.column(self.column))
+        dtype = values.dtype
+        if self.starts_us and (dtype == pl.Date or isinstance(dtype, pl.Datetime)):
+            if dtype == pl.Date:
+                values = values.cast(pl.Datetime("us"))
+            if values.dtype.time_zone is None:  # type: ignore[union-attr]
+                values = values.dt.replace_time_zone(self.timezone, ambiguous="earliest", non_existent="null")
+            instants = values.dt.epoch("us")
+            starts = pl.Series(self.starts_us, dtype=pl.Int64)
+            ends = pl.Series(self.ends_us, dtype=pl.Int64)
+            # The window whose start is the last one <= the instant; valid only if it ends after it.
+            candidate = starts.search_sorted(instants, side="right").cast(pl.Int64) - 1
+            window_end = ends.gather(candidate.clip(0, len(self.ends_us) - 1))
+            valid = ((candidate >= 0) & (instants < window_end)).fill_null(False)
+            index = pl.DataFrame({"i": candidate, "ok": valid}).select(
+                pl.when(pl.col("ok")).then(pl.col("i")).otherwise(None)
+            )["i"]
+        else:
+            mapping = {key: i for i, key in enumerate(self.keys)}
+            index = values.cast(pl.String).replace_strict(mapping, default=None, return_dtype=pl.Int64)
+        missing = index.is_null()
+        if missing.any():
+            sample = original.filter(missing).head(3).to_list()
+            raise PartitionMismatch(
+                f"{int(missing.sum())} row(s) have a {self.column!r} outside the targeted partitions "
+                f"{self.keys[0]}..{self.keys[-1]} (e.g. {sample})"
+            )
+        return index.cast(pl.Int32)
+
+
+def _epoch_us(value: Any) -> int:
+    return int(value.timestamp() * 1_000_000)
+
+
+def write_partitions(
+    storage: LakeStorage,
+    files: Mapping[str, str],
+    obj: Any,
+    assigner: PartitionAssigner,
+    *,
+    row_group_size: int,
+) -> dict[str, WriteResult]:
+    """One streaming pass over a range output into one file per partition (``files``: key → path).
+
+    Rows keep their order within each partition. Every targeted partition gets a file; one with no
+    rows gets an empty file with the output's schema. Files are committed together at the end, and
+    none if anything fails (a row outside the range, a read error).
+
+    Memory: each partition buffers up to one row group. When the buffers together pass
+    ``PENDING_ROW_GROUPS`` row groups, the fullest idle ones are written as short row groups — for
+    output ordered by partition (the usual case) only the partition being filled stays buffered.
+    Each open partition file costs about 1 MB more (its writer's encoders).
+    """
+    schema, batches = record_batches(obj, row_group_size)
+    keys = assigner.keys
+    sinks: dict[int, _ParquetSink] = {}
+    budget = PENDING_ROW_GROUPS * row_group_size
+    with contextlib.ExitStack() as stack:
+
+        def open_sink(i: int) -> _ParquetSink:
+            handle = stack.enter_context(storage.atomic_writer(files[keys[i]]))
+            sink = _ParquetSink(handle, schema, row_group_size, SPLIT_DICTIONARY_PAGE_LIMIT)
+
+            def finish(exc_type: Any, exc: Any, tb: Any) -> bool:
+                if exc_type is None:
+                    sink.close()
+                else:
+                    with contextlib.suppress(Exception):
+                        sink.writer.close()
+                return False
+
+            stack.push(finish)
+            return sink
+
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            index = assigner.assign(batch)
+            present = index.unique(maintain_order=True).to_list()
+            for i in present:
+                part = batch if len(present) == 1 else batch.filter((index == i).to_arrow())
+                if i not in sinks:
+                    sinks[i] = open_sink(i)
+                sinks[i].write(part)
+            pending = sum(sink.pending_rows for sink in sinks.values())
+            if pending > budget:
+                # The partition just written to keeps its buffer; the fullest others write theirs.
+                idle = [sink for i, sink in sinks.items() if i != present[-1]]
+                idle.sort(key=lambda sink: sink.pending_rows, reverse=True)
+                for sink in idle:
+                    pending -= sink.pending_rows
+                    sink.flush_pending()
+                    if pending <= budget:
+                        break
+        for i in range(len(keys)):
+            if i not in sinks:
+                sinks[i] = open_sink(i)  # closed empty: a file with the schema and no rows
     return {
-        "dagster/uri": dg.MetadataValue.path(storage.uri(relative)),
+        keys[i]: WriteResult(
+            relative=files[keys[i]],
+            uri=storage.uri(files[keys[i]]),
+            rows=sink.rows,
+            row_groups=sink.row_groups,
+            bytes=storage.size(files[keys[i]]),
+            schema=schema,
+        )
+        for i, sink in sorted(sinks.items())
+    }
+
+
+def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[str, Any]:
+    """What every materialization records (DESIGN §3.6)."""
+    metadata: dict[str, Any] = {
+        "dagster/uri": dg.MetadataValue.path(written.uri),
+        # Rows this materialization wrote (its file); for a partition that is the partition's rows.
         "dagster/row_count": written.rows,
-        "dagster/column_schema": table_schema(written.schema) if written.schema is not None else None,
         "datalake/bytes_written": written.bytes,
         "datalake/row_groups": written.row_groups,
     }
+    if partitioned:
+        metadata["dagster/partition_row_count"] = written.rows
+    if written.schema is not None:
+        metadata["dagster/column_schema"] = table_schema(written.schema)
+    return metadata
+
+
+# --- reading -----------------------------------------------------------------------
 
 
 class DuckDBResource(dg.ConfigurableResource):
@@ -122,8 +448,11 @@ class DuckDBResource(dg.ConfigurableResource):
 class ParquetPaths:
     """A path handle: the upstream files for the mapped partitions, and how to read them.
 
-    DuckDB reads them in place (projection and predicate push-down at the file level);
-    no files gives an empty relation with the upstream schema; columns are unified by name.
+    ``relation(con)`` reads them in place, so DuckDB pushes projections and filters into the
+    Parquet scan (row groups are skipped by their statistics). Columns are unified by name across
+    files (a column added later reads as NULL in older files). No files gives an empty relation
+    with the upstream's schema. On Azure the handle carries the fsspec filesystem DuckDB reads
+    through; it is registered on the connection the first time.
     """
 
     asset_key: dg.AssetKey
@@ -132,13 +461,19 @@ class ParquetPaths:
     partition_keys: tuple[str, ...] | None = None
     filesystem: fsspec.AbstractFileSystem | None = field(default=None, compare=False)
 
+    @property
+    def is_empty(self) -> bool:
+        return not self.files
+
     def relation(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
         if not self.files:
             return con.from_arrow(self.schema.empty_table())
         if self.filesystem is not None:
             with contextlib.suppress(Exception):  # already registered on this connection
                 con.register_filesystem(self.filesystem)
-        return con.read_parquet(list(self.files), union_by_name=True)
+        # hive_partitioning off: the files' own columns are the schema, the same whether or not
+        # any file exists (bronze paths carry ingestion_date=… directories).
+        return con.read_parquet(list(self.files), union_by_name=True, hive_partitioning=False)
 
     def view(self, con: duckdb.DuckDBPyConnection, name: str) -> duckdb.DuckDBPyRelation:
         """Registers the input under ``name`` for use in SQL text, and returns it."""
@@ -151,25 +486,20 @@ def record_batches(
     obj: Any, batch_rows: int = DEFAULT_ROW_GROUP_SIZE
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Any supported output as (schema, stream of record batches), without collecting it whole."""
-    import polars as pl
-
     if isinstance(obj, duckdb.DuckDBPyRelation):
         reader = obj.to_arrow_reader(batch_rows)
         return reader.schema, iter(reader)
     if isinstance(obj, pl.LazyFrame):
-        frames = obj.collect_batches()
-        first = next(frames, None)
-        if first is None:
-            return obj.collect_schema().to_arrow(), iter(())
-        head = first.to_arrow().to_batches()
-        schema = first.to_arrow().schema
+        # The schema as DataFrame.to_arrow() gives it (large_string, not Schema.to_arrow()'s
+        # string_view), so batches need no cast.
+        schema = pl.DataFrame(schema=obj.collect_schema()).to_arrow().schema
+        frames = obj.collect_batches(chunk_size=batch_rows)
 
-        def rest() -> Iterator[pa.RecordBatch]:
-            yield from head
+        def lazy_batches() -> Iterator[pa.RecordBatch]:
             for frame in frames:
                 yield from frame.to_arrow().to_batches()
 
-        return schema, rest()
+        return schema, lazy_batches()
     if isinstance(obj, pl.DataFrame):
         obj = obj.to_arrow()
     if isinstance(obj, pa.Table):

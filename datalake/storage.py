@@ -1,16 +1,19 @@
 """One storage abstraction over a root URL: a local/NFS path or Azure Data Lake Storage.
 
 A root is ``/abs/path`` (local disk or an NFS mount), ``abfs://container@account.dfs.core.windows.net/prefix``
-or ``az://container/prefix`` (account from the credentials resource). Azure is reached through
-the *blob* endpoint (adlfs), which every ADLS Gen2 account serves and the Azurite emulator
-implements, so the same code path is tested locally.
+or ``az://container/prefix`` (account from the credentials resource or its blob endpoint). Azure is
+reached through the *blob* endpoint (adlfs for writes, listings and DuckDB; polars' native reader for
+lazy scans), which every ADLS Gen2 account serves and the Azurite emulator implements — Dagster's
+``ADLS2Resource`` hard-codes the dfs host, which Azurite lacks, so the same code path could not be
+tested locally with it.
 
 Visibility contract (DESIGN §3.4): a file appears atomically or not at all.
 - local/NFS: written under a hidden in-progress name in the target directory, fsynced, then
   ``os.replace``d onto its final name (and the directory fsynced);
 - Azure: written as staged blocks that become visible only when the block list is committed
-  at close; a failed write is discarded without committing.
-Readers list only final names.
+  at close; a failed or killed write commits nothing (uncommitted blocks are invisible and the
+  service discards them after a week).
+Readers list only final names (``is_visible_name``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import os
 import posixpath
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,18 +31,36 @@ from urllib.parse import urlparse
 
 import dagster as dg
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
 INPROGRESS_MARKER = ".inprogress-"
 _AZURE_SCHEMES = ("abfs", "abfss", "az")
+# Staged-block size for Azure writes. adlfs' default (50 MiB) is held in memory per open file; a
+# range backfill keeps one file open per partition, so smaller blocks bound its memory.
+AZURE_BLOCK_SIZE = 8 * 2**20
+# Leftovers of a killed local write are removed by the next write of the same file once this old;
+# younger ones may still belong to a live writer (a zombie attempt of the same run).
+STALE_INPROGRESS_SECONDS = 3600
 
 
 def is_visible_name(name: str) -> bool:
-    """Readers ignore hidden and in-progress names."""
-    base = posixpath.basename(name)
-    return not base.startswith(".") and INPROGRESS_MARKER not in base
+    """Readers ignore hidden and in-progress names, in any path segment (temp dirs included)."""
+    return not any(
+        segment.startswith(".") or INPROGRESS_MARKER in segment for segment in name.split("/") if segment
+    )
+
+
+def _account_from_endpoint(endpoint: str) -> str | None:
+    """The account a blob endpoint serves: ``http://host:port/<account>`` (emulator) or ``https://<account>.blob…``."""
+    parsed = urlparse(endpoint)
+    first = parsed.path.strip("/").split("/")[0]
+    if first:
+        return first
+    return (parsed.hostname or "").split(".")[0] or None
 
 
 class AzureBlobResource(dg.ConfigurableResource):
@@ -55,33 +77,78 @@ class AzureBlobResource(dg.ConfigurableResource):
     blob_endpoint: str | None = None
     account_name: str | None = None
 
-    def filesystem(self, account_name: str | None) -> fsspec.AbstractFileSystem:
+    def account(self, root_account: str | None) -> str:
+        account = (
+            root_account
+            or self.account_name
+            or (_account_from_endpoint(self.blob_endpoint) if self.blob_endpoint else None)
+        )
+        if not account:
+            raise ValueError(
+                "Azure root has no account: use abfs://container@account.dfs.core.windows.net/... "
+                "or configure the blob endpoint"
+            )
+        return account
+
+    def _sas(self) -> str | None:
+        credential = self.credential
+        if isinstance(credential, ADLS2SASToken) and credential.token:
+            return credential.token.lstrip("?")
+        return None
+
+    def filesystem(self, root_account: str | None = None) -> fsspec.AbstractFileSystem:
+        """An adlfs filesystem on the blob endpoint (writes, listings, DuckDB reads)."""
         import adlfs  # imported lazily: the azure SDK is slow to import and local runs don't need it
 
-        account = account_name or self.account_name
-        if not account:
-            raise ValueError("Azure root has no account: use abfs://container@account... or set account_name")
-        kwargs: dict[str, Any] = {"account_name": account}
+        account = self.account(root_account)
         credential = self.credential
-        if isinstance(credential, ADLS2Key):
-            kwargs["account_key"] = credential.key
-        elif isinstance(credential, ADLS2SASToken):
-            kwargs["sas_token"] = credential.token
-        elif isinstance(credential, ADLS2DefaultAzureCredential):
-            from azure.identity.aio import DefaultAzureCredential
-
-            kwargs["credential"] = DefaultAzureCredential(**credential.kwargs)
-        if self.blob_endpoint:
-            endpoint = self.blob_endpoint.rstrip("/")
+        kwargs: dict[str, Any] = {"account_name": account, "blocksize": AZURE_BLOCK_SIZE}
+        endpoint = self.blob_endpoint.rstrip("/") if self.blob_endpoint else None
+        if endpoint and not isinstance(credential, ADLS2DefaultAzureCredential):
+            # A custom endpoint with a key or SAS: the connection string is the only adlfs input
+            # that takes an endpoint URL (its account_host is https-only; Azurite speaks http).
             parts = [f"DefaultEndpointsProtocol={urlparse(endpoint).scheme}", f"AccountName={account}"]
             if isinstance(credential, ADLS2Key) and credential.key:
                 parts.append(f"AccountKey={credential.key}")
-            if isinstance(credential, ADLS2SASToken) and credential.token:
-                parts.append(f"SharedAccessSignature={credential.token.lstrip('?')}")
+            sas = self._sas()
+            if sas:
+                parts.append(f"SharedAccessSignature={sas}")
             parts.append(f"BlobEndpoint={endpoint}")
-            kwargs = {"connection_string": ";".join(parts) + ";", "account_name": account}
+            kwargs["connection_string"] = ";".join(parts) + ";"
+        elif isinstance(credential, ADLS2Key):
+            kwargs["account_key"] = credential.key
+        elif isinstance(credential, ADLS2SASToken):
+            kwargs["sas_token"] = self._sas()
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            kwargs["credential"] = DefaultAzureCredential(**credential.kwargs)
+            if endpoint:
+                # Token credentials need TLS, so only an https endpoint (sovereign cloud) makes sense.
+                parsed = urlparse(endpoint)
+                if parsed.scheme != "https":
+                    raise ValueError("DefaultAzureCredential needs an https blob endpoint")
+                kwargs["account_host"] = parsed.netloc + parsed.path
         # skip_instance_cache: credentials differ per resource; never share a cached client.
         return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)
+
+    def polars_storage_options(self, root_account: str | None = None) -> dict[str, str]:
+        """``storage_options`` for polars' native (object_store) Azure reader: lazy scans on Azure.
+
+        DefaultAzureCredential: no secret here; polars' ``credential_provider='auto'`` picks it up.
+        """
+        options = {"account_name": self.account(root_account)}
+        credential = self.credential
+        if isinstance(credential, ADLS2Key) and credential.key:
+            options["account_key"] = credential.key
+        sas = self._sas()
+        if sas:
+            options["sas_token"] = sas
+        if self.blob_endpoint:
+            options["endpoint"] = self.blob_endpoint.rstrip("/")
+            if urlparse(self.blob_endpoint).scheme == "http":
+                options["allow_http"] = "true"
+        return options
 
 
 @dataclass(frozen=True)
@@ -118,30 +185,41 @@ class LakeStorage:
 
     def __init__(self, root: str, azure: AzureBlobResource | None = None):
         self.root = parse_root(root)
+        self.azure = azure or AzureBlobResource()
         if self.root.is_azure:
-            self.fs: fsspec.AbstractFileSystem = (azure or AzureBlobResource()).filesystem(self.root.account)
+            self.fs: fsspec.AbstractFileSystem = self.azure.filesystem(self.root.account)
         else:
             self.fs = LocalFileSystem()
 
     # --- naming ---------------------------------------------------------------
     def path(self, relative: str) -> str:
-        """Path inside the filesystem (what fsspec, pyarrow and DuckDB's registered fs take)."""
+        """Path inside the filesystem (what fsspec and pyarrow take)."""
         return posixpath.join(self.root.base, relative) if relative else self.root.base
 
     def uri(self, relative: str) -> str:
-        """Full URL for metadata and for readers that know the scheme."""
+        """The URL recorded in metadata: the root as configured, plus the relative path."""
+        if self.root.is_azure:
+            return f"{self.root.url}/{relative}" if relative else self.root.url
+        return self.path(relative)
+
+    def reader_path(self, relative: str) -> str:
+        """What a DuckDB connection with ``fs`` registered (Azure) — or any local reader — opens."""
         if self.root.is_azure:
             return f"abfs://{self.path(relative)}"
         return self.path(relative)
 
-    def reader_path(self, relative: str) -> str:
-        """Path a DuckDB connection with this storage's filesystem registered can open."""
-        return self.uri(relative)
+    def polars_source(self, relative: str) -> tuple[str, dict[str, str] | None]:
+        """Path and ``storage_options`` for ``pl.scan_parquet``/``read_parquet`` (native, lazy on Azure)."""
+        if self.root.is_azure:
+            return f"abfs://{self.path(relative)}", self.azure.polars_storage_options(self.root.account)
+        return self.path(relative), None
 
     # --- reading --------------------------------------------------------------
     def list_files(self, prefix: str, suffix: str = ".parquet") -> list[str]:
         """Relative paths of visible files under ``prefix`` (recursive), sorted."""
         base = self.path(prefix)
+        # adlfs caches listings per instance; another process may have committed files since.
+        self.fs.invalidate_cache()
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
@@ -150,9 +228,9 @@ class LakeStorage:
         root = self.root.base.rstrip("/") + "/"
         for full in found:
             full = str(full)
-            if not full.endswith(suffix) or not is_visible_name(full):
-                continue
-            out.append(full[len(root) :] if full.startswith(root) else full)
+            relative = full[len(root) :] if full.startswith(root) else full
+            if relative.endswith(suffix) and is_visible_name(relative):
+                out.append(relative)
         return sorted(out)
 
     def exists(self, relative: str) -> bool:
@@ -164,6 +242,15 @@ class LakeStorage:
     def open_read(self, relative: str) -> IO[bytes]:
         return cast(IO[bytes], self.fs.open(self.path(relative), "rb"))
 
+    def read_metadata(self, relative: str) -> pq.FileMetaData:
+        """The Parquet footer (rows, row groups, schema) — one ranged read on Azure."""
+        with self.open_read(relative) as handle:
+            return pq.read_metadata(handle)
+
+    def read_schema(self, relative: str) -> pa.Schema:
+        with self.open_read(relative) as handle:
+            return pq.read_schema(handle)
+
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(relative))
@@ -171,12 +258,17 @@ class LakeStorage:
     # --- writing --------------------------------------------------------------
     @contextlib.contextmanager
     def atomic_writer(self, relative: str) -> Iterator[IO[bytes]]:
-        """A binary file that becomes visible under ``relative`` only if the block exits cleanly."""
+        """A binary file that becomes visible under ``relative`` only if the block exits cleanly.
+
+        An existing file of that name (a retry of the same run) stays readable until replaced.
+        """
         final = self.path(relative)
         if not self.root.is_azure:
             directory = os.path.dirname(final)
             os.makedirs(directory, exist_ok=True)
-            temp = os.path.join(directory, f".{os.path.basename(final)}{INPROGRESS_MARKER}{uuid.uuid4().hex}")
+            prefix = f".{os.path.basename(final)}{INPROGRESS_MARKER}"
+            _remove_stale(directory, prefix)
+            temp = os.path.join(directory, f"{prefix}{uuid.uuid4().hex}")
             try:
                 with open(temp, "wb") as handle:
                     yield handle
@@ -190,16 +282,28 @@ class LakeStorage:
                 raise
             return
         # Azure: blocks are staged as they are written and committed by close(); on failure we
-        # discard instead of closing, so no blob (or a previous version) becomes visible.
-        handle: Any = self.fs.open(final, "wb")
+        # drop the handle instead of closing it, so no blob (or a previous version) changes.
+        handle: Any = self.fs.open(final, "wb", block_size=AZURE_BLOCK_SIZE)
         try:
             yield cast(IO[bytes], handle)
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.discard()
-                handle.closed = True  # so garbage collection does not commit it either
+            # closed=True so garbage collection (fsspec's __del__ closes open files) does not commit it.
+            handle.closed = True
             raise
         handle.close()
+
+
+def _remove_stale(directory: str, prefix: str) -> None:
+    # Only temp files of this very file name (same table, partition and run): never another run's.
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > STALE_INPROGRESS_SECONDS:
+                        os.remove(entry.path)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -217,6 +321,6 @@ _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_.=@:+-]+$")
 
 def safe_segment(value: str) -> str:
     """Validates a path segment built from a key (partition key, table, run id)."""
-    if not _SAFE_SEGMENT.fullmatch(value) or value in (".", ".."):
+    if not _SAFE_SEGMENT.fullmatch(value) or value in (".", "..") or value.startswith("."):
         raise ValueError(f"unsafe path segment {value!r}")
     return value

@@ -1,0 +1,671 @@
+"""Each lake IO manager on its own (local disk and Azurite), then a whole group moved by configuration.
+
+The assets here are tiny stand-ins for bronze/silver assets; they run through Dagster exactly as
+the real ones do (``materialize`` / ``execute_in_process``), so metadata, partition mapping and
+input annotations are Dagster's own.
+"""
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datalake.extract import Extraction, ExtractionStats, Window, WindowKind
+from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
+from datalake.lake import DuckDBResource, ParquetPaths, bronze_file
+from datalake.specs import Cursor, CursorKind, TableSpec
+from datalake.storage import INPROGRESS_MARKER, LakeStorage
+from datalake.watermark import WATERMARK_KEY
+from datalake_tests.helpers import REPO
+from datalake_tests.lake_roots import ROOT_KINDS, LakeRoot, make_root
+
+
+@pytest.fixture(params=ROOT_KINDS)
+def lake_root(request: pytest.FixtureRequest, tmp_path: Path) -> LakeRoot:
+    """Local tmp path, then Azurite: every test using it runs on both."""
+    return make_root(request.param, tmp_path, request)
+
+
+RUN_A, RUN_B = str(uuid.UUID(int=0xA)), str(uuid.UUID(int=0xB))
+RUN_X, RUN_Y = str(uuid.UUID(int=0xC)), str(uuid.UUID(int=0xD))
+DAYS = ["2025-01-01", "2025-01-02", "2025-01-03"]
+DAILY = dg.DailyPartitionsDefinition(start_date="2025-01-01", end_date="2025-01-10")
+SPEC = TableSpec(
+    schema="v3_test",  # type: ignore[call-arg]  (alias of source_schema)
+    table="events",
+    primary_key=("id",),
+    cursor=Cursor(column="id", kind=CursorKind.INTEGER),
+    date_column="ts",
+)
+BASE_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("ts", pa.timestamp("us", tz="UTC")), ("amount", pa.decimal128(18, 4))]
+)
+
+
+def _batch(ids: range, schema: pa.Schema = BASE_SCHEMA) -> pa.RecordBatch:
+    day0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    columns: dict[str, list[Any]] = {
+        "id": list(ids),
+        "ts": [day0 + dt.timedelta(minutes=i) for i in ids],
+        "amount": [Decimal(f"{i}.25") for i in ids],
+    }
+    if "note" in schema.names:
+        columns["note"] = [f"n{i}" for i in ids]
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+class BronzeRun(dg.Config):
+    # Row counts of the batches this run extracts (0 = an empty batch), ids from first_id on.
+    batches: list[int]
+    first_id: int = 0
+    with_note: bool = False  # a column added at the source later (schema drift)
+    incremental: bool = True
+    pause_seconds: float = 0.0  # between batches: a slow source, to overlap concurrent runs
+
+
+def _extraction(config: BronzeRun) -> Extraction:
+    schema = BASE_SCHEMA.append(pa.field("note", pa.string())) if config.with_note else BASE_SCHEMA
+    stats = ExtractionStats()
+    window = (
+        Window(WindowKind.INCREMENTAL, column="id", lo=config.first_id)
+        if config.incremental
+        else Window(WindowKind.BACKFILL, column="ts")
+    )
+    resolved: dict[str, Any] = {"lo": config.first_id}
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        start = config.first_id
+        for n in config.batches:
+            stats.rows += n
+            stats.batches += 1
+            yield _batch(range(start, start + n), schema)
+            start += n
+            if config.pause_seconds:
+                time.sleep(config.pause_seconds)
+        resolved["hi"] = start  # known once the read is done, as in the real extractor
+
+    return Extraction(
+        spec=SPEC,
+        schema=schema,
+        batches=batches(),
+        window=window,
+        stats=stats,
+        source="test",
+        resolved=resolved,
+    )
+
+
+@dg.asset(
+    key=["bronze", "events"], partitions_def=DAILY, io_manager_key="bronze_io_manager", group_name="bronze"
+)
+def bronze_events(config: BronzeRun) -> Extraction:
+    return _extraction(config)
+
+
+def _resources(root: LakeRoot, **extra: Any) -> dict[str, Any]:
+    roots = {"bronze_io_manager": root.sub("bronze"), "silver_io_manager": root.sub("silver")}
+    return {
+        "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=root.azure),
+        "silver_io_manager": ParquetIOManager(
+            root=roots["silver_io_manager"], azure=root.azure, row_group_size=1000
+        ),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots, azure=root.azure),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+        **extra,
+    }
+
+
+def _bronze(
+    root: LakeRoot,
+    day: str,
+    run: BronzeRun,
+    *,
+    run_id: str | None = None,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.AssetMaterialization:
+    job = dg.Definitions(
+        assets=[bronze_events], resources=_resources(root)
+    ).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        partition_key=day,
+        run_id=run_id,
+        instance=instance,
+        run_config=dg.RunConfig(ops={"bronze__events": run}),
+    )
+    (event,) = result.get_asset_materialization_events()
+    return event.materialization
+
+
+def _meta(materialization: dg.AssetMaterialization, key: str) -> Any:
+    return materialization.metadata[key].value
+
+
+def _storage(root: LakeRoot, group: str) -> LakeStorage:
+    return LakeStorage(root.sub(group), root.azure)
+
+
+# --- bronze ---------------------------------------------------------------------------------
+
+
+def test_bronze_one_file_per_run_streamed_and_retries_replace_only_their_own(lake_root: LakeRoot) -> None:
+    storage = _storage(lake_root, "bronze")
+    first = _bronze(lake_root, DAYS[0], BronzeRun(batches=[5, 0, 7, 3]), run_id=RUN_A)
+    relative = bronze_file("events", DAYS[0], RUN_A)
+    assert relative == f"events/ingestion_date=2025-01-01/events_{RUN_A}.parquet"
+    footer = storage.read_metadata(relative)
+    assert (footer.num_rows, footer.num_row_groups) == (15, 3)  # one row group per non-empty batch
+    assert footer.row_group(0).column(0).compression == "ZSTD"
+    assert footer.row_group(0).column(0).statistics.has_min_max
+    assert _meta(first, "dagster/uri") == storage.uri(relative)
+    assert _meta(first, "dagster/row_count") == 15
+    assert _meta(first, "datalake/bytes_written") == storage.size(relative) > 0
+    assert [c.name for c in _meta(first, "dagster/column_schema").columns] == ["id", "ts", "amount"]
+    assert [c.type for c in _meta(first, "dagster/column_schema").columns][2] == "decimal128(18, 4)"
+    assert (_meta(first, "datalake/window_kind"), _meta(first, "datalake/window_hi")) == ("incremental", "15")
+    assert _meta(first, WATERMARK_KEY) == "15"  # committed with the file in place
+
+    second = _bronze(lake_root, DAYS[0], BronzeRun(batches=[4], first_id=15), run_id=RUN_B)
+    other = bronze_file("events", DAYS[0], RUN_B)
+    other_bytes = storage.open_read(other).read()
+    assert _meta(second, "dagster/row_count") == 4
+
+    # A retry of run A (same run id) replaces run A's file only.
+    _bronze(lake_root, DAYS[0], BronzeRun(batches=[2], incremental=False), run_id=RUN_A)
+    assert storage.list_files("events/") == sorted([relative, other])
+    assert storage.read_metadata(relative).num_rows == 2
+    assert storage.open_read(other).read() == other_bytes
+    backfill = _bronze(lake_root, DAYS[1], BronzeRun(batches=[2], incremental=False))
+    assert WATERMARK_KEY not in backfill.metadata  # stateless windows commit no watermark
+
+
+def test_bronze_loads_frames_by_annotation(lake_root: LakeRoot) -> None:
+    _bronze(lake_root, DAYS[0], BronzeRun(batches=[3]))
+    _bronze(lake_root, DAYS[0], BronzeRun(batches=[2], first_id=3))
+    _bronze(lake_root, DAYS[1], BronzeRun(batches=[4], first_id=5, with_note=True))
+    seen: dict[str, Any] = {}
+    bronze_in = dg.AssetIn(key=["bronze", "events"], input_manager_key="bronze_io_manager")
+
+    @dg.asset(ins={"events": bronze_in}, io_manager_key="silver_io_manager")
+    def lazy_all(events: pl.LazyFrame) -> pl.DataFrame:
+        seen["lazy"] = events
+        return events.collect()
+
+    @dg.asset(ins={"events": bronze_in}, io_manager_key="silver_io_manager")
+    def eager_by_day(events: dict[str, pl.DataFrame]) -> pl.DataFrame:
+        seen["by_day"] = events
+        return pl.DataFrame({"n": [len(events)]})
+
+    result = dg.materialize(
+        [bronze_events, lazy_all, eager_by_day],
+        resources=_resources(lake_root),
+        selection=[lazy_all, eager_by_day],
+    )
+    assert result.success
+    lazy = seen["lazy"]
+    assert isinstance(lazy, pl.LazyFrame)
+    plan = lazy.explain()
+    assert "Parquet SCAN" in plan or "SCAN" in plan
+    if lake_root.kind == "azure":
+        assert "abfs://" in plan  # read lazily where it lies, not downloaded first
+    frame = lazy.collect().sort("id")
+    assert frame["id"].to_list() == list(range(9))
+    assert frame["note"].null_count() == 5  # schema drift: the later column, NULL in older files
+    by_day = seen["by_day"]
+    assert {k: v.height for k, v in by_day.items() if v.height} == {DAYS[0]: 5, DAYS[1]: 4}
+    assert all(isinstance(v, pl.DataFrame) for v in by_day.values())
+    assert by_day[DAYS[2]].columns[:3] == ["id", "ts", "amount"]  # not materialized: empty, with schema
+
+
+_CONCURRENT_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from dagster_azure.adls2 import ADLS2Key
+    from datalake.storage import AzureBlobResource
+    from datalake_tests.lake_roots import LakeRoot
+    from datalake_tests.test_io_managers import BronzeRun, _bronze
+
+    cfg = json.loads(sys.argv[1])
+    azure = AzureBlobResource()
+    if cfg["key"]:
+        azure = AzureBlobResource(credential=ADLS2Key(key=cfg["key"]), blob_endpoint=cfg["endpoint"])
+    root = LakeRoot(kind=cfg["kind"], url=cfg["url"], azure=azure)
+    print("READY", flush=True)
+    while not os.path.exists(cfg["go"]):  # both processes start writing at the same moment
+        time.sleep(0.005)
+    started = time.time()
+    run = BronzeRun(batches=[2000] * 40, first_id=cfg["first_id"], pause_seconds=0.01)
+    m = _bronze(root, cfg["day"], run, run_id=cfg["run_id"])
+    print(json.dumps({"rows": m.metadata["dagster/row_count"].value, "span": [started, time.time()]}))
+    """
+)
+
+
+def test_concurrent_runs_on_one_bronze_partition_both_land_intact(
+    lake_root: LakeRoot, tmp_path: Path
+) -> None:
+    server = lake_root.server
+    go = tmp_path / "go"
+    children = []
+    for i, run_id in enumerate((RUN_X, RUN_Y)):
+        cfg = {
+            "kind": lake_root.kind,
+            "url": lake_root.url,
+            "key": server.account_key if server else None,
+            "endpoint": server.blob_endpoint if server else None,
+            "day": DAYS[0],
+            "first_id": i * 1_000_000,
+            "run_id": run_id,
+            "go": str(go),
+        }
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _CONCURRENT_CHILD, json.dumps(cfg)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for child in children:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "READY"
+    go.touch()
+    outputs = [child.communicate(timeout=300) for child in children]
+    spans = []
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["rows"] == 80_000
+        spans.append(report["span"])
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, "the two runs did not overlap"
+    storage = _storage(lake_root, "bronze")
+    files = storage.list_files("events/")
+    assert files == [bronze_file("events", DAYS[0], RUN_X), bronze_file("events", DAYS[0], RUN_Y)]
+    for i, relative in enumerate(files):
+        with storage.open_read(relative) as handle:
+            table = pq.read_table(handle)  # a damaged file would not parse
+        ids = table.column("id").to_pylist()
+        assert ids == list(range(i * 1_000_000, i * 1_000_000 + 80_000))
+        assert pq.ParquetFile(storage.open_read(relative)).metadata.num_row_groups == 40
+
+
+# --- ParquetIOManager ------------------------------------------------------------------------
+
+
+def _frame(n: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"k": list(range(n)), "name": [f"p{i % 7}" for i in range(n)], "x": [i * 0.5 for i in range(n)]}
+    )
+
+
+def test_parquet_io_manager_stores_every_output_type_and_loads_by_annotation(lake_root: LakeRoot) -> None:
+    n = 2500
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def as_dataframe() -> pl.DataFrame:
+        return _frame(n)
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def as_lazyframe() -> pl.LazyFrame:
+        return _frame(n).lazy().with_columns(pl.col("x") * 1)
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def as_table() -> pa.Table:
+        return _frame(n).to_arrow()
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def as_batch_stream() -> pa.RecordBatchReader:
+        table = _frame(n).to_arrow()
+        return pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=300))
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def as_duckdb(duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        con = duckdb_resource.connect()
+        return con.sql(
+            f"SELECT i::BIGINT AS k, 'p' || (i % 7) AS name, i * 0.5 AS x FROM range({n}) t(i) ORDER BY i"
+        )
+
+    producers = [as_dataframe, as_lazyframe, as_table, as_batch_stream, as_duckdb]
+    loaded: dict[str, Any] = {}
+
+    @dg.asset(
+        ins={p.key.path[-1]: dg.AssetIn(p.key) for p in producers},
+        io_manager_key="silver_io_manager",
+    )
+    def consumer(
+        as_dataframe: pl.DataFrame,
+        as_lazyframe: pl.LazyFrame,
+        as_table: pl.DataFrame,
+        as_batch_stream: pl.LazyFrame,
+        as_duckdb: pl.DataFrame,
+    ) -> pl.DataFrame:
+        loaded.update(
+            as_dataframe=as_dataframe,
+            as_lazyframe=as_lazyframe,
+            as_table=as_table,
+            as_batch_stream=as_batch_stream,
+            as_duckdb=as_duckdb,
+        )
+        return pl.DataFrame({"ok": [True]})
+
+    result = dg.materialize([*producers, consumer], resources=_resources(lake_root))
+    storage = _storage(lake_root, "silver")
+    expected = _frame(n)
+    for producer in producers:
+        name = producer.key.path[-1]
+        relative = f"{name}/{name}.parquet"
+        value = loaded[name]
+        assert isinstance(
+            value, pl.LazyFrame if name in ("as_lazyframe", "as_batch_stream") else pl.DataFrame
+        )
+        frame = value.collect() if isinstance(value, pl.LazyFrame) else value
+        assert frame.select("k", "name", "x").equals(expected), name
+        footer = storage.read_metadata(relative)
+        assert footer.num_rows == n
+        assert all(footer.row_group(i).num_rows <= 1000 for i in range(footer.num_row_groups)), name
+        assert footer.num_row_groups >= 3, name
+        column = footer.row_group(0).column(0)
+        assert column.compression == "ZSTD" and column.statistics.has_min_max, name
+        (event,) = [
+            e.materialization
+            for e in result.get_asset_materialization_events()
+            if e.materialization.asset_key == producer.key
+        ]
+        assert _meta(event, "dagster/uri") == storage.uri(relative)
+        assert _meta(event, "dagster/row_count") == n
+        assert _meta(event, "datalake/bytes_written") == storage.size(relative)
+        assert [c.name for c in _meta(event, "dagster/column_schema").columns] == ["k", "name", "x"]
+    if lake_root.kind == "azure":
+        assert "abfs://" in loaded["as_lazyframe"].explain()  # lazy on Azure too
+
+
+STATIC = dg.StaticPartitionsDefinition(["a", "b", "c"])
+
+
+@dg.asset(partitions_def=STATIC, io_manager_key="silver_io_manager")
+def dim(context: dg.AssetExecutionContext) -> pl.DataFrame:
+    return pl.DataFrame({"part": [context.partition_key] * 3, "v": [1, 2, 3]})
+
+
+def test_parquet_io_manager_loads_several_partitions_as_dict_and_missing_as_empty(
+    lake_root: LakeRoot,
+) -> None:
+    resources = _resources(lake_root)
+    instance = dg.DagsterInstance.ephemeral()
+    for key in ("a", "b"):  # "c" never materialized
+        dg.materialize([dim], resources=resources, partition_key=key, instance=instance)
+    seen: dict[str, Any] = {}
+
+    @dg.asset(ins={"dim": dg.AssetIn(key="dim")}, io_manager_key="silver_io_manager")
+    def untyped(dim) -> pl.DataFrame:
+        seen["untyped"] = dim
+        return pl.DataFrame({"n": [1]})
+
+    @dg.asset(ins={"dim": dg.AssetIn(key="dim")}, io_manager_key="silver_io_manager")
+    def typed_dict(dim: dict[str, pl.LazyFrame]) -> pl.DataFrame:
+        seen["typed_dict"] = dim
+        return pl.DataFrame({"n": [1]})
+
+    @dg.asset(ins={"dim": dg.AssetIn(key="dim")}, io_manager_key="silver_io_manager")
+    def one_frame(dim: pl.DataFrame) -> pl.DataFrame:
+        seen["one_frame"] = dim
+        return pl.DataFrame({"n": [1]})
+
+    result = dg.materialize(
+        [dim, untyped, typed_dict, one_frame],
+        resources=resources,
+        selection=[untyped, typed_dict, one_frame],
+        instance=instance,
+    )
+    assert result.success
+    untyped_value = seen["untyped"]
+    assert set(untyped_value) == {"a", "b", "c"}
+    assert {k: v.height for k, v in untyped_value.items()} == {"a": 3, "b": 3, "c": 0}
+    assert untyped_value["c"].schema == untyped_value["a"].schema  # the missing partition has the schema
+    assert all(isinstance(v, pl.LazyFrame) for v in seen["typed_dict"].values())
+    assert seen["one_frame"].sort("part")["part"].to_list() == ["a"] * 3 + ["b"] * 3
+
+
+# --- DuckDB path input manager ---------------------------------------------------------------
+
+
+def _bronze_days(root: LakeRoot, instance: dg.DagsterInstance | None = None) -> None:
+    _bronze(root, DAYS[0], BronzeRun(batches=[3]), instance=instance)
+    _bronze(root, DAYS[0], BronzeRun(batches=[2], first_id=3), instance=instance)
+    _bronze(root, DAYS[1], BronzeRun(batches=[4], first_id=5, with_note=True), instance=instance)
+    # DAYS[2]: never extracted
+
+
+def test_path_input_manager_hands_one_range_or_all_partitions(lake_root: LakeRoot) -> None:
+    _bronze_days(lake_root)
+    storage = _storage(lake_root, "bronze")
+    # Names readers must never pick up, in a partition directory (a killed write, a hidden file).
+    for name in (f".events_zz.parquet{INPROGRESS_MARKER}123", ".hidden.parquet"):
+        storage.fs.pipe(storage.path(f"events/ingestion_date={DAYS[0]}/{name}"), b"not parquet")
+    seen: dict[str, Any] = {}
+    events_in = dg.AssetIn(key=["bronze", "events"], input_manager_key="duckdb_path_input_manager")
+
+    def probe(label: str, events: ParquetPaths, duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        con = duckdb_resource.connect()
+        relation = events.relation(con)
+        seen[label] = {
+            "files": events.files,
+            "keys": events.partition_keys,
+            "rows": relation.aggregate("count(*)").fetchall()[0][0],
+            "columns": relation.columns,
+            "plan": relation.filter("id = 3").select("amount").explain(),
+            "notes": relation.filter("note IS NOT NULL").aggregate("count(*)").fetchall()[0][0]
+            if "note" in relation.columns
+            else None,
+        }
+        return relation.aggregate("count(*) AS n")
+
+    @dg.asset(ins={"events": events_in}, io_manager_key="silver_io_manager")
+    def all_days(events: ParquetPaths, duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        return probe("all", events, duckdb_resource)
+
+    @dg.asset(
+        ins={"events": events_in},
+        partitions_def=DAILY,
+        io_manager_key="silver_io_manager",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        metadata={"datalake/partition_column": "day"},
+    )
+    def per_day(
+        context: dg.AssetExecutionContext, events: ParquetPaths, duckdb_resource: DuckDBResource
+    ) -> pl.DataFrame:
+        label = "range" if len(context.partition_keys) > 1 else context.partition_key
+        probe(label, events, duckdb_resource)
+        return pl.DataFrame({"day": [dt.date.fromisoformat(k) for k in context.partition_keys]})
+
+    resources = _resources(lake_root)
+    dg.materialize([bronze_events, all_days], resources=resources, selection=[all_days])
+    dg.materialize([bronze_events, per_day], resources=resources, selection=[per_day], partition_key=DAYS[0])
+    dg.materialize([bronze_events, per_day], resources=resources, selection=[per_day], partition_key=DAYS[2])
+    dg.materialize(
+        [bronze_events, per_day],
+        resources=resources,
+        selection=[per_day],
+        tags={"dagster/asset_partition_range_start": DAYS[0], "dagster/asset_partition_range_end": DAYS[2]},
+    )
+
+    assert len(seen["all"]["files"]) == 3 and seen["all"]["rows"] == 9
+    assert seen["all"]["columns"] == ["id", "ts", "amount", "note"]  # unified by name
+    assert seen["all"]["notes"] == 4
+    assert all(INPROGRESS_MARKER not in f and "/." not in f for f in seen["all"]["files"])
+    assert len(seen[DAYS[0]]["files"]) == 2 and seen[DAYS[0]]["rows"] == 5
+    assert seen[DAYS[0]]["keys"] == (DAYS[0],)
+    assert seen["range"]["keys"] == tuple(DAYS) and len(seen["range"]["files"]) == 3
+    # The missing day: an empty relation with the table's schema, not an error.
+    assert seen[DAYS[2]]["files"] == () and seen[DAYS[2]]["rows"] == 0
+    assert seen[DAYS[2]]["columns"][:3] == ["id", "ts", "amount"]
+    # DuckDB reads the files in place: the filter and the projection go into the Parquet scan.
+    plan = seen[DAYS[0]]["plan"]
+    assert "Parquet Scan" in plan or "PARQUET_SCAN" in plan
+    assert "Filters:" in plan and "id=3" in plan.replace(" ", "")
+    if lake_root.kind == "azure":
+        assert all(f.startswith("abfs://") for f in seen["all"]["files"])
+
+
+def test_empty_and_never_materialized_upstreams_give_empty_inputs_with_schema(
+    lake_root: LakeRoot, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+    events_in = dg.AssetIn(key=["bronze", "events"], input_manager_key="duckdb_path_input_manager")
+
+    @dg.asset(ins={"events": events_in}, io_manager_key="silver_io_manager")
+    def reader(events: ParquetPaths, duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        relation = events.relation(duckdb_resource.connect())
+        seen["files"], seen["columns"], seen["types"] = (
+            events.files,
+            relation.columns,
+            [str(t) for t in relation.types],
+        )
+        seen["rows"] = relation.aggregate("count(*)").fetchall()[0][0]
+        return relation
+
+    instance = dg.DagsterInstance.ephemeral()
+    # 1. An empty partition: its file exists, with the schema and no rows.
+    _bronze(lake_root, DAYS[0], BronzeRun(batches=[]), instance=instance)
+    dg.materialize(
+        [bronze_events, reader], resources=_resources(lake_root), selection=[reader], instance=instance
+    )
+    assert len(seen["files"]) == 1 and seen["rows"] == 0
+    assert seen["columns"] == ["id", "ts", "amount"]
+    assert seen["types"] == ["BIGINT", "TIMESTAMP WITH TIME ZONE", "DECIMAL(18,4)"]
+    # The empty output of `reader` is a file with that schema too.
+    silver = _storage(lake_root, "silver")
+    assert silver.read_schema("reader/reader.parquet").names == ["id", "ts", "amount"]
+
+    # 2. The group moved to a new root where nothing is materialized yet: the schema comes from the
+    #    upstream's last recorded dagster/column_schema.
+    moved = LakeRoot(
+        kind=lake_root.kind, url=lake_root.url + "-moved", azure=lake_root.azure, server=lake_root.server
+    )
+    seen.clear()
+    dg.materialize(
+        [bronze_events, reader], resources=_resources(moved), selection=[reader], instance=instance
+    )
+    assert seen["files"] == () and seen["rows"] == 0
+    assert seen["types"] == ["BIGINT", "TIMESTAMP WITH TIME ZONE", "DECIMAL(18,4)"]
+
+    # 3. Never materialized anywhere and no declared schema: a clear failure, not an empty table
+    #    with invented columns.
+    with pytest.raises(dg.Failure, match="materialize it first"):
+        dg.materialize([bronze_events, reader], resources=_resources(moved), selection=[reader])
+
+    # 4. ... unless the upstream declares its schema in its definition.
+    declared = dg.AssetSpec(
+        key=["bronze", "events"],
+        metadata={"dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn("id", "int64")])},
+    ).with_io_manager_key("bronze_io_manager")
+    seen.clear()
+    dg.materialize([declared, reader], resources=_resources(moved), selection=[reader])
+    assert seen["columns"] == ["id"] and seen["rows"] == 0
+
+
+# --- a whole group moved by configuration -----------------------------------------------------
+
+
+@pytest.mark.azurite
+def test_group_moves_to_azure_by_configuration_alone(
+    azurite_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every group on local disk; then silver + Rev-Sci on Azurite; then bronze too.
+
+    Only the DATALAKE_ROOT_* variables (plus the Azure credential and endpoint) change; the asset
+    code, jobs and definitions are the project's own. Every output is identical in all three.
+    """
+    from datalake.cli import run_downstream
+    from datalake.definitions import BRONZE_JOB, build_definitions
+    from datalake.settings import resolve_settings
+    from datalake_tests.lake_roots import azure_url, ensure_container, key_resource
+
+    ensure_container(azurite_server)
+    prefix = f"moved-{uuid.uuid4().hex[:8]}"
+    base = {
+        "DATALAKE_DEMO_DIR": str(tmp_path / "demo_source"),
+        "DATALAKE_DEMO_CDR_ROWS": "1500",
+        "DATALAKE_EXTRACT_LAG_SECONDS": "0",
+        "DATALAKE_ROOT_BRONZE": str(tmp_path / "lake" / "bronze"),
+        "DATALAKE_ROOT_SILVER": str(tmp_path / "lake" / "silver"),
+        "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(tmp_path / "lake" / "vanguard_wholesale"),
+    }
+    # The secret reaches the resource as an EnvVar, resolved from the process environment at launch.
+    monkeypatch.setenv("DATALAKE_AZURE_ACCOUNT_KEY", azurite_server.account_key)
+    azure_env = {
+        "DATALAKE_AZURE_ACCOUNT_KEY": azurite_server.account_key,
+        "DATALAKE_AZURE_BLOB_ENDPOINT": azurite_server.blob_endpoint,
+    }
+    configurations = {
+        "local": base,
+        "silver_on_azure": {
+            **base,
+            **azure_env,
+            "DATALAKE_ROOT_SILVER": azure_url(azurite_server, f"{prefix}/silver"),
+            "DATALAKE_ROOT_VANGUARD_WHOLESALE": azure_url(azurite_server, f"{prefix}/vanguard_wholesale"),
+        },
+        "all_on_azure": {
+            **base,
+            **azure_env,
+            "DATALAKE_ROOT_BRONZE": azure_url(azurite_server, f"{prefix}/bronze"),
+            "DATALAKE_ROOT_SILVER": azure_url(azurite_server, f"{prefix}/silver2"),
+            "DATALAKE_ROOT_VANGUARD_WHOLESALE": azure_url(azurite_server, f"{prefix}/vanguard_wholesale2"),
+        },
+    }
+    read_options = key_resource(azurite_server).polars_storage_options()
+    outcomes: dict[str, dict[tuple[str, str], pl.DataFrame]] = {}
+    for name, env in configurations.items():
+        settings = resolve_settings(env)
+        defs = build_definitions(settings)
+        instance = dg.DagsterInstance.ephemeral()
+        today = dt.datetime.now(settings.tz).date()
+        if name != "silver_on_azure":  # silver_on_azure reads the local bronze the first run wrote
+            bronze = defs.resolve_job_def(BRONZE_JOB).execute_in_process(
+                partition_key=today.isoformat(), instance=instance
+            )
+            bronze_uris = [
+                str(e.materialization.metadata["dagster/uri"].value)
+                for e in bronze.get_asset_materialization_events()
+            ]
+            assert bronze_uris and all(u.startswith(env["DATALAKE_ROOT_BRONZE"]) for u in bronze_uris)
+        rows = run_downstream(
+            defs, settings, instance, first_day=today - dt.timedelta(days=3), last_day=today
+        )
+        frames: dict[tuple[str, str], pl.DataFrame] = {}
+        for asset, partition, count, uri in rows:
+            group = "VANGUARD_WHOLESALE" if asset.startswith("revsci/") else "SILVER"
+            assert uri.startswith(env[f"DATALAKE_ROOT_{group}"]), (name, asset, uri)
+            frame = pl.read_parquet(uri, storage_options=read_options if uri.startswith("abfs://") else None)
+            assert frame.height == count
+            frames[(asset, partition)] = frame
+        outcomes[name] = frames
+    local = outcomes["local"]
+    assert local[("silver/fact_invoice", "-")].height > 0
+    assert any(asset == "revsci/billing_usage_aggregated" and f.height for (asset, _), f in local.items())
+
+    def comparable(frame: pl.DataFrame) -> pl.DataFrame:
+        # Lineage (run id, extraction time) differs when bronze is extracted again; row order of
+        # unordered outputs is not part of the result.
+        data = frame.select([c for c in frame.columns if not c.startswith("_datalake")])
+        return data.sort(data.columns, nulls_last=True)
+
+    for name in ("silver_on_azure", "all_on_azure"):
+        assert outcomes[name].keys() == local.keys()
+        for key, frame in local.items():
+            assert comparable(outcomes[name][key]).equals(comparable(frame)), (name, key)

@@ -1,0 +1,268 @@
+"""The storage abstraction on local disk and on Azurite: roots, atomic visibility, credentials.
+
+Every test that takes ``lake_root`` runs twice: on a local tmp path and on
+``abfs://lake@devstoreaccount1.dfs.core.windows.net/<prefix>`` through Azurite's blob endpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datalake.storage import INPROGRESS_MARKER, AzureBlobResource, LakeStorage, is_visible_name, parse_root
+from datalake_tests.helpers import REPO
+from datalake_tests.lake_roots import (
+    CONTAINER,
+    ROOT_KINDS,
+    LakeRoot,
+    azure_url,
+    ensure_container,
+    make_root,
+    sas_resource,
+)
+from datalake_tests.services import AzuriteServer
+
+
+@pytest.fixture(params=ROOT_KINDS)
+def lake_root(request: pytest.FixtureRequest, tmp_path: Path) -> LakeRoot:
+    """Local tmp path, then Azurite: every test using it runs on both."""
+    return make_root(request.param, tmp_path, request)
+
+
+def _table(n: int, offset: int = 0) -> pa.Table:
+    return pa.table(
+        {"id": pa.array(range(offset, offset + n), pa.int64()), "v": [f"row{i}" for i in range(n)]}
+    )
+
+
+def _write(storage: LakeStorage, relative: str, table: pa.Table) -> None:
+    with storage.atomic_writer(relative) as handle:
+        pq.write_table(table, handle)
+
+
+def _read(storage: LakeStorage, relative: str) -> pa.Table:
+    with storage.open_read(relative) as handle:
+        return pq.read_table(handle)
+
+
+def _duckdb_glob_rows(storage: LakeStorage, pattern: str) -> int:
+    """Rows DuckDB finds through a glob: what a reader outside the IO managers sees."""
+    con = duckdb.connect()
+    if storage.root.is_azure:
+        con.register_filesystem(storage.fs)
+    glob = storage.reader_path(pattern)
+    files = con.sql(f"SELECT count(*) FROM glob('{glob}')").fetchall()[0][0]
+    if not files:
+        return 0
+    return con.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()[0][0]
+
+
+def test_root_urls_parse() -> None:
+    local = parse_root("/opt/dagster/shared-data/bronze/")
+    assert (local.scheme, local.base) == ("file", "/opt/dagster/shared-data/bronze")
+    assert parse_root("file:///mnt/nfs/silver").base == "/mnt/nfs/silver"
+    adls = parse_root("abfs://lake@acct.dfs.core.windows.net/silver/")
+    assert (adls.scheme, adls.base, adls.account) == ("abfs", "lake/silver", "acct")
+    az = parse_root("az://lake/gold")
+    assert (az.base, az.account) == ("lake/gold", None)
+    with pytest.raises(ValueError, match="unsupported storage root"):
+        parse_root("s3://bucket/x")
+    with pytest.raises(ValueError, match="no container"):
+        parse_root("abfs://@acct.dfs.core.windows.net/x")
+    # az:// takes the account from the blob endpoint (Azurite's path-style URL, or the host).
+    assert AzureBlobResource(blob_endpoint="http://127.0.0.1:10000/devstoreaccount1").account(None) == (
+        "devstoreaccount1"
+    )
+    assert AzureBlobResource(blob_endpoint="https://acct2.blob.core.windows.net").account(None) == "acct2"
+
+
+def test_in_progress_and_hidden_names_are_invisible(tmp_path: Path) -> None:
+    storage = LakeStorage(str(tmp_path))
+    for name in (
+        "t/ingestion_date=2025-01-01/t_run1.parquet",
+        f"t/ingestion_date=2025-01-01/.t_run2.parquet{INPROGRESS_MARKER}abc",
+        "t/ingestion_date=2025-01-01/.hidden.parquet",
+        f"t/.tmp{INPROGRESS_MARKER}x/part.parquet",
+        "t/_notes.txt",
+    ):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert storage.list_files("t/") == ["t/ingestion_date=2025-01-01/t_run1.parquet"]
+    assert not is_visible_name(f"a/.b{INPROGRESS_MARKER}1/c.parquet")
+
+
+def test_atomic_write_appears_only_when_complete(lake_root: LakeRoot) -> None:
+    storage = lake_root.storage()
+    table = _table(1000)
+    with storage.atomic_writer("t/a.parquet") as handle:
+        pq.write_table(table, handle)
+        # More than one staged block on Azure (8 MiB): written, yet not visible to anyone.
+        handle.write(os.urandom(9 * 2**20))
+        assert storage.list_files("t/") == []
+        assert not storage.exists("t/a.parquet")
+    assert storage.list_files("t/") == ["t/a.parquet"]
+    assert storage.size("t/a.parquet") > 9 * 2**20
+    if lake_root.kind == "azure":
+        assert storage.uri("t/a.parquet") == f"{lake_root.url}/t/a.parquet"
+        assert storage.reader_path("t/a.parquet").startswith("abfs://lake/")
+    else:
+        assert storage.uri("t/a.parquet") == str(Path(lake_root.url) / "t" / "a.parquet")
+
+
+def test_failed_write_keeps_the_previous_version(lake_root: LakeRoot) -> None:
+    storage = lake_root.storage()
+    _write(storage, "t/a.parquet", _table(10))
+    with (
+        pytest.raises(RuntimeError, match="source went away"),
+        storage.atomic_writer("t/a.parquet") as handle,
+    ):
+        pq.write_table(_table(20, offset=100), handle)
+        handle.write(os.urandom(9 * 2**20))
+        raise RuntimeError("source went away")
+    assert storage.list_files("t/") == ["t/a.parquet"]
+    assert _read(storage, "t/a.parquet").equals(_table(10))
+    if lake_root.kind == "local":
+        assert sorted(p.name for p in (Path(lake_root.url) / "t").iterdir()) == ["a.parquet"]  # no temp left
+
+
+_KILL_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import pyarrow as pa, pyarrow.parquet as pq
+    from dagster_azure.adls2 import ADLS2Key
+    from datalake.storage import AzureBlobResource, LakeStorage
+
+    cfg = json.loads(sys.argv[1])
+    azure = AzureBlobResource(credential=ADLS2Key(key=cfg["key"]), blob_endpoint=cfg["endpoint"]) if cfg["key"] else None
+    storage = LakeStorage(cfg["url"], azure)
+    schema = pa.schema([("payload", pa.binary())])
+    with storage.atomic_writer("t/a.parquet") as old, storage.atomic_writer("t/fresh.parquet") as new:
+        writers = [pq.ParquetWriter(old, schema), pq.ParquetWriter(new, schema)]
+        for i in range(24):  # 1 MiB incompressible row groups: blocks get staged on Azure
+            for w in writers:
+                w.write_table(pa.table({"payload": [os.urandom(2**20)]}, schema=schema))
+        print("MIDWAY", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_killed_write_leaves_nothing_visible(lake_root: LakeRoot) -> None:
+    storage = lake_root.storage()
+    _write(storage, "t/a.parquet", _table(10))
+    server = lake_root.server
+    cfg = {
+        "url": lake_root.url,
+        "key": server.account_key if server else None,
+        "endpoint": server.blob_endpoint if server else None,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, json.dumps(cfg)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "MIDWAY", "the child did not get midway"
+        # Proof that the write really is in progress when it is killed.
+        if lake_root.kind == "local":
+            temps = [p.name for p in (Path(lake_root.url) / "t").iterdir() if INPROGRESS_MARKER in p.name]
+            assert len(temps) == 2
+        else:
+            assert server is not None
+            assert _uncommitted_blocks(server, storage.path("t/fresh.parquet")) > 0
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    # Readers see only the complete previous version: listing, direct read, DuckDB glob.
+    assert storage.list_files("t/") == ["t/a.parquet"]
+    assert _read(storage, "t/a.parquet").equals(_table(10))
+    assert _duckdb_glob_rows(storage, "t/*.parquet") == 10
+    assert _duckdb_glob_rows(storage, "**/*.parquet") == 10
+
+
+def _uncommitted_blocks(server: AzuriteServer, path: str) -> int:
+    from azure.storage.blob import BlobServiceClient
+
+    container, _, blob = path.partition("/")
+    client = BlobServiceClient.from_connection_string(server.connection_string).get_blob_client(
+        container, blob
+    )
+    _committed, uncommitted = client.get_block_list("uncommitted")
+    return len(uncommitted)
+
+
+@pytest.mark.azurite
+@pytest.mark.parametrize("scope", ["container", "account"])
+def test_sas_token_reaches_every_reader(azurite_server: AzuriteServer, scope: str) -> None:
+    """A SAS works for writes, listings, pyarrow, polars' native lazy reader and DuckDB."""
+    from azure.storage.blob import (
+        AccountSasPermissions,
+        ContainerSasPermissions,
+        ResourceTypes,
+        generate_account_sas,
+        generate_container_sas,
+    )
+
+    ensure_container(azurite_server)
+    expiry = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    account, key = azurite_server.account_name, azurite_server.account_key
+    if scope == "container":
+        token = generate_container_sas(
+            account,
+            CONTAINER,
+            account_key=key,
+            permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True, create=True),
+            expiry=expiry,
+        )
+        read_only = generate_container_sas(
+            account,
+            CONTAINER,
+            account_key=key,
+            permission=ContainerSasPermissions(read=True, list=True),
+            expiry=expiry,
+        )
+    else:
+        types = ResourceTypes(service=True, container=True, object=True)
+        token = generate_account_sas(
+            account,
+            key,
+            resource_types=types,
+            permission=AccountSasPermissions(read=True, write=True, delete=True, list=True, create=True),
+            expiry=expiry,
+        )
+        read_only = generate_account_sas(
+            account,
+            key,
+            resource_types=types,
+            permission=AccountSasPermissions(read=True, list=True),
+            expiry=expiry,
+        )
+    url = azure_url(azurite_server, f"sas-{scope}")
+    storage = LakeStorage(url, sas_resource(azurite_server, "?" + token))  # a leading '?' is tolerated
+    _write(storage, "t/a.parquet", _table(5))
+    assert storage.list_files("t/") == ["t/a.parquet"]
+    assert _read(storage, "t/a.parquet").num_rows == 5
+    source, options = storage.polars_source("t/a.parquet")
+    assert options is not None and "sas_token" in options and "account_key" not in options
+    assert pl.scan_parquet(source, storage_options=options).select(pl.len()).collect().item() == 5
+    assert _duckdb_glob_rows(storage, "t/*.parquet") == 5
+
+    # The token is what grants access: a read-only one reads but cannot write.
+    reader = LakeStorage(url, sas_resource(azurite_server, read_only))
+    assert reader.list_files("t/") == ["t/a.parquet"]
+    with pytest.raises(Exception), reader.atomic_writer("t/b.parquet") as handle:  # noqa: B017
+        handle.write(b"x" * 10)
+    assert storage.list_files("t/") == ["t/a.parquet"]

@@ -78,7 +78,9 @@ def test_every_bronze_asset_is_daily_partitioned_and_pooled() -> None:
     assert assets["silver/invoice_current"]["deps"] == ["bronze/invoice"]
     # every incremental registry table has a current-state silver table
     assert {k for k in assets if k.endswith("_current")} == {
-        f"silver/{k.split('/')[1]}_current" for k in bronze if k not in ("bronze/plan", "bronze/currency_rate")
+        f"silver/{k.split('/')[1]}_current"
+        for k in bronze
+        if k not in ("bronze/plan", "bronze/currency_rate")
     }
     assert assets["silver/billing_cdr"]["backfill_policy"] is not None
     assert assets["revsci/billing_usage_aggregated"]["group"] == "vanguard_wholesale"

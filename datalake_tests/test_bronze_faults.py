@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,34 +106,45 @@ def test_sigkill_after_the_write_rereads_the_window(
 
 
 class _KillSourceMidStream(BronzeIOManager):
-    """Kills the extraction's MySQL connections after the first batch reached the writer."""
+    """Kills the extraction's MySQL connection while its SELECT is streaming rows.
+
+    A watcher polls the processlist from the moment the IO manager starts consuming and kills
+    the source user's running query on billing_cdr — whichever reader sends it.
+    """
 
     admin_url: str
     source_user: str
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        batches = obj.batches
+        killed = threading.Event()
 
-        def killing():
+        def watch() -> None:
             engine = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-            for i, batch in enumerate(batches):
-                yield batch
-                if i == 0:
-                    with engine.connect() as conn:
-                        ids = (
-                            conn.exec_driver_sql(
-                                "SELECT id FROM information_schema.processlist WHERE user = %s AND command <> 'Sleep'",
-                                (self.source_user,),
-                            )
-                            .scalars()
-                            .all()
+            deadline = time.monotonic() + 30
+            with engine.connect() as conn:
+                while not killed.is_set() and time.monotonic() < deadline:
+                    ids = (
+                        conn.exec_driver_sql(
+                            "SELECT id FROM information_schema.processlist WHERE user = %s "
+                            "AND command IN ('Query', 'Execute') AND info LIKE %s",
+                            (self.source_user, "%billing_cdr%"),
                         )
-                        for connection_id in ids:
-                            conn.exec_driver_sql(f"KILL CONNECTION {int(connection_id)}")
+                        .scalars()
+                        .all()
+                    )
+                    for connection_id in ids:
+                        conn.exec_driver_sql(f"KILL CONNECTION {int(connection_id)}")
+                        killed.set()
+                    time.sleep(0.002)
             engine.dispose()
 
-        obj.batches = killing()
-        super().handle_output(context, obj)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            super().handle_output(context, obj)
+        finally:
+            killed.set()
+            watcher.join()
 
 
 @pytest.mark.parametrize("reader", ["auto", "rows"])
@@ -142,7 +155,7 @@ def test_connection_lost_mid_stream_fails_clearly_and_leaves_nothing(
     monkeypatch: pytest.MonkeyPatch,
     reader: str,
 ) -> None:
-    v3_mariadb(cdr_rows=60_000)
+    v3_mariadb(cdr_rows=300_000)
     monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
     registry = tmp_path / "registry.yaml"
     registry.write_text(

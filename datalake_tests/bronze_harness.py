@@ -15,7 +15,7 @@ import yaml
 
 from datalake.definitions import build_definitions
 from datalake.settings import Settings, resolve_settings
-from datalake_tests.helpers import lake_env
+from datalake_tests.helpers import mariadb_env
 from datalake_tests.services import MariaDBServer
 
 SCHEMA = "edge_test"
@@ -48,19 +48,13 @@ class BronzeHarness:
         registry = self.root / "registry.yaml"
         registry.write_text(yaml.safe_dump({"tables": self.tables}))
         return resolve_settings(
-            lake_env(
-                self.root / "lake",
-                {
-                    "DATALAKE_MYSQL_HOST": self.server.host,
-                    "DATALAKE_MYSQL_PORT": str(self.server.port),
-                    "DATALAKE_MYSQL_USER": self.server.ro_user,
-                    "DATALAKE_MYSQL_PASSWORD": self.server.ro_password,
-                    "DATALAKE_MYSQL_READER": self.reader,
-                    "DATALAKE_REGISTRY": str(registry),
-                    "DATALAKE_BRONZE_MAX_RETRIES": "0",
-                    "DATALAKE_PARTITION_START": "2024-01-01",
-                    **self.extra_env,
-                },
+            mariadb_env(
+                self.server,
+                self.root,
+                DATALAKE_MYSQL_READER=self.reader,
+                DATALAKE_REGISTRY=str(registry),
+                DATALAKE_PARTITION_START="2024-01-01",
+                **self.extra_env,
             )
         )
 

@@ -11,6 +11,8 @@ from typing import TypeVar
 import pytest
 import sqlalchemy as sa
 
+from datalake.settings import Settings, resolve_settings
+from datalake_tests.helpers import mariadb_env
 from datalake_tests.services import (
     AzuriteServer,
     ManagedServer,
@@ -84,3 +86,13 @@ def v3_mariadb(mariadb_server: MariaDBServer) -> Iterator[Callable[..., sa.Engin
 
     yield seed
     engine.dispose()
+
+
+@pytest.fixture
+def mariadb_settings(
+    mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """Settings reading the session's MariaDB (read-only user), lake under ``tmp_path/lake``."""
+    # Resources receive the password as an EnvVar, resolved from the process environment.
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    return resolve_settings(mariadb_env(mariadb_server, tmp_path))

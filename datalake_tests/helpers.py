@@ -7,6 +7,10 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datalake_tests.services import MariaDBServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +52,21 @@ def lake_env(root: Path, extra: Mapping[str, str] | None = None) -> dict[str, st
     }
     env.update(extra or {})
     return env
+
+
+def mariadb_env(server: MariaDBServer, root: Path, **extra: str) -> dict[str, str]:
+    """Settings for a lake under ``root/lake`` that reads the test MariaDB as its read-only user.
+
+    Bronze retries are off: a test that breaks a run wants the failure, not three back-offs.
+    """
+    return lake_env(
+        root / "lake",
+        {
+            "DATALAKE_MYSQL_HOST": server.host,
+            "DATALAKE_MYSQL_PORT": str(server.port),
+            "DATALAKE_MYSQL_USER": server.ro_user,
+            "DATALAKE_MYSQL_PASSWORD": server.ro_password,
+            "DATALAKE_BRONZE_MAX_RETRIES": "0",
+            **extra,
+        },
+    )

@@ -19,24 +19,10 @@ from datalake.io_managers import BronzeIOManager
 from datalake.settings import BRONZE, resolve_settings
 from datalake.specs import load_registry
 from datalake.watermark import WATERMARK_KEY
-from datalake_tests.helpers import clean_environ, lake_env, run_cli
+from datalake_tests.helpers import clean_environ, mariadb_env, run_cli
 from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
-
-
-def _env(server: MariaDBServer, root: Path, **extra: str) -> dict[str, str]:
-    return lake_env(
-        root / "lake",
-        {
-            "DATALAKE_MYSQL_HOST": server.host,
-            "DATALAKE_MYSQL_PORT": str(server.port),
-            "DATALAKE_MYSQL_USER": server.ro_user,
-            "DATALAKE_MYSQL_PASSWORD": server.ro_password,
-            "DATALAKE_BRONZE_MAX_RETRIES": "0",
-            **extra,
-        },
-    )
 
 
 def _source_cdrs(engine: sa.Engine) -> pl.DataFrame:
@@ -72,7 +58,7 @@ def test_sigkill_after_the_write_rereads_the_window(
     source = v3_mariadb(cdr_rows=2_000)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    env = clean_environ(_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader))
+    env = clean_environ(mariadb_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader))
     env["DAGSTER_HOME"] = str(home)
     today = dt.datetime.now(dt.UTC).date().isoformat()
 
@@ -84,7 +70,7 @@ def test_sigkill_after_the_write_rereads_the_window(
         key = dg.AssetKey(["bronze", "billing_cdr"])
         assert instance.get_latest_materialization_event(key) is None  # ... but nothing was committed
 
-        settings = resolve_settings(_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader))
+        settings = resolve_settings(mariadb_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader))
         defs = build_definitions(settings)
         job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={key})
         import os
@@ -163,7 +149,7 @@ def test_connection_lost_mid_stream_fails_clearly_and_leaves_nothing(
         "     cursor: {column: cdr_id, kind: integer}, date_column: created_at}\n"
     )
     settings = resolve_settings(
-        _env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader, DATALAKE_REGISTRY=str(registry))
+        mariadb_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader, DATALAKE_REGISTRY=str(registry))
     )
     resources = build_resources(settings)
     resources["bronze_io_manager"] = _KillSourceMidStream(
@@ -194,7 +180,7 @@ def test_password_never_appears_in_logs_metadata_or_errors(
     v3_mariadb(cdr_rows=500)
     secret = mariadb_server.ro_password
     monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", secret)
-    settings = resolve_settings(_env(mariadb_server, tmp_path))
+    settings = resolve_settings(mariadb_env(mariadb_server, tmp_path))
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()

@@ -23,10 +23,8 @@ from datalake.cli import run_downstream
 from datalake.definitions import BRONZE_JOB, build_definitions
 from datalake.demo import schema as demo_schema
 from datalake.demo.generator import checksum, mutate
-from datalake.settings import resolve_settings
+from datalake.settings import Settings
 from datalake.specs import Mode, load_registry
-from datalake_tests.helpers import lake_env
-from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
 
@@ -64,23 +62,11 @@ def _uri(result: dg.ExecuteInProcessResult | list[Any], key: str) -> str:
 
 
 def test_silver_equals_source_after_mutations(
-    v3_mariadb: Any, mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    v3_mariadb: Any, mariadb_settings: Settings, tmp_path: Path
 ) -> None:
     today = dt.datetime.now(dt.UTC).date()
     source = v3_mariadb(cdr_rows=3_000, anchor=dt.datetime.combine(today, dt.time()))
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    settings = resolve_settings(
-        lake_env(
-            tmp_path / "lake",
-            {
-                "DATALAKE_MYSQL_HOST": mariadb_server.host,
-                "DATALAKE_MYSQL_PORT": str(mariadb_server.port),
-                "DATALAKE_MYSQL_USER": mariadb_server.ro_user,
-                "DATALAKE_MYSQL_PASSWORD": mariadb_server.ro_password,
-                "DATALAKE_BRONZE_MAX_RETRIES": "0",
-            },
-        )
-    )
+    settings = mariadb_settings
     specs = load_registry(settings.registry_path)
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.ephemeral()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -18,11 +17,8 @@ import sqlalchemy as sa
 
 from datalake.cli import run_downstream
 from datalake.definitions import BRONZE_JOB, build_definitions
-from datalake.settings import resolve_settings
 from datalake.specs import Mode, load_registry
 from datalake.watermark import WATERMARK_KEY
-from datalake_tests.helpers import lake_env
-from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
 
@@ -37,23 +33,6 @@ def _materializations(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetMa
 def _rows(engine: sa.Engine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(sa.text(sql), params)]
-
-
-@pytest.fixture
-def mariadb_settings(mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    # The read-only user: extraction needs SELECT (and PROCESS to see open transactions).
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    return resolve_settings(
-        lake_env(
-            tmp_path / "lake",
-            {
-                "DATALAKE_MYSQL_HOST": mariadb_server.host,
-                "DATALAKE_MYSQL_PORT": str(mariadb_server.port),
-                "DATALAKE_MYSQL_USER": mariadb_server.ro_user,
-                "DATALAKE_MYSQL_PASSWORD": mariadb_server.ro_password,
-            },
-        )
-    )
 
 
 def test_slice_end_to_end(v3_mariadb, mariadb_settings) -> None:

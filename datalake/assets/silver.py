@@ -11,7 +11,7 @@ projections and filters down to the files; assets return DuckDB relations that t
 manager streams into the lake.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 import duckdb
@@ -86,21 +86,26 @@ def build_current_state_asset(spec: TableSpec) -> dg.AssetsDefinition:
     return _current
 
 
+def _model(name: str, inputs: Sequence[str], primary_key: str) -> Callable[..., dg.AssetsDefinition]:
+    """The decorator of a conformed silver model over current-state tables."""
+    return dg.asset(
+        key=dg.AssetKey(["silver", name]),
+        group_name=SILVER,
+        io_manager_key="silver_io_manager",
+        ins={n: path_in(current_key(n).path) for n in inputs},
+        kinds={"duckdb", "parquet"},
+        automation_condition=FOLLOW_UPSTREAM,
+        metadata={"datalake/primary_key": primary_key},
+    )
+
+
 def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.AssetsDefinition]:
     assets: list[dg.AssetsDefinition] = []
     have = set(specs)
 
     if {"invoice", "invoice_status", "invoice_data"} <= have:
 
-        @dg.asset(
-            key=dg.AssetKey(["silver", "fact_invoice"]),
-            group_name=SILVER,
-            io_manager_key="silver_io_manager",
-            ins={n: path_in(current_key(n).path) for n in ("invoice", "invoice_status", "invoice_data")},
-            kinds={"duckdb", "parquet"},
-            automation_condition=FOLLOW_UPSTREAM,
-            metadata={"datalake/primary_key": "invoice_id"},
-        )
+        @_model("fact_invoice", ("invoice", "invoice_status", "invoice_data"), "invoice_id")
         def fact_invoice(
             duckdb_resource: DuckDBResource,
             invoice: ParquetPaths,
@@ -131,15 +136,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
 
     if {"dealer_partner_mapping", "dealer", "partner"} <= have:
 
-        @dg.asset(
-            key=dg.AssetKey(["silver", "dealer_partner_mapping"]),
-            group_name=SILVER,
-            io_manager_key="silver_io_manager",
-            ins={n: path_in(current_key(n).path) for n in ("dealer_partner_mapping", "dealer", "partner")},
-            kinds={"duckdb", "parquet"},
-            automation_condition=FOLLOW_UPSTREAM,
-            metadata={"datalake/primary_key": "mapping_id"},
-        )
+        @_model("dealer_partner_mapping", ("dealer_partner_mapping", "dealer", "partner"), "mapping_id")
         def dealer_partner_mapping(
             duckdb_resource: DuckDBResource,
             dealer_partner_mapping: ParquetPaths,
@@ -169,15 +166,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
     dim_inputs = ("customer", "customer_address", "dealer", "dealer_partner_mapping", "partner")
     if set(dim_inputs) <= have:
 
-        @dg.asset(
-            key=dg.AssetKey(["silver", "dim_customer"]),
-            group_name=SILVER,
-            io_manager_key="silver_io_manager",
-            ins={n: path_in(current_key(n).path) for n in dim_inputs},
-            kinds={"duckdb", "parquet"},
-            automation_condition=FOLLOW_UPSTREAM,
-            metadata={"datalake/primary_key": "customer_id"},
-        )
+        @_model("dim_customer", dim_inputs, "customer_id")
         def dim_customer(
             duckdb_resource: DuckDBResource,
             customer: ParquetPaths,

@@ -3,8 +3,8 @@
 - silver: primary key unique and non-null on every model that declares one — *blocking*, so a
   broken silver table never feeds the models and Rev-Sci built on it in the same run;
 - bronze: the latest window reconciled against the source's row count; NULL-cursor rows
-  counted in the source; column-schema changes. Freshness is a ``FreshnessPolicy`` on the
-  incremental bronze assets (datalake/assets/bronze.py).
+  counted in the source; column-schema changes; freshness of the incremental tables (evaluated
+  by the ``bronze_freshness_checks`` sensor).
 """
 
 import datetime as dt
@@ -179,11 +179,20 @@ def build_checks(
     specs: Sequence[TableSpec],
     bronze: Sequence[dg.AssetsDefinition],
     downstream: Sequence[dg.AssetsDefinition],
-) -> list[dg.AssetChecksDefinition]:
-    """Every check of the location. (Bronze freshness is a FreshnessPolicy on the assets.)"""
+    freshness: dt.timedelta,
+) -> tuple[list[dg.AssetChecksDefinition], list[dg.SensorDefinition]]:
+    """Every check of the location, and the sensor that evaluates bronze freshness."""
     checks: list[dg.AssetChecksDefinition] = [
         c for a in downstream if (c := primary_key_check(a)) is not None
     ]
     checks += bronze_checks(specs)
     checks += dg.build_column_schema_change_checks(assets=list(bronze))
-    return checks
+    incremental = [a for a, s in zip(bronze, specs, strict=True) if s.mode is Mode.INCREMENTAL]
+    fresh = list(dg.build_last_update_freshness_checks(assets=incremental, lower_bound_delta=freshness))
+    sensor = dg.build_sensor_for_freshness_checks(
+        freshness_checks=fresh,
+        name="bronze_freshness_checks",
+        # Explicit: Dagster would leave it stopped, and freshness would never be evaluated.
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    return [*checks, *fresh], [sensor]

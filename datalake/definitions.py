@@ -7,6 +7,8 @@ directly with their own settings; nothing is decided at import time.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dagster as dg
 from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
 
@@ -101,7 +103,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     specs = load_registry(settings.registry_path)
     bronze = build_bronze_assets(specs, settings)
     downstream = [*build_silver_assets(specs, settings), *build_revsci_assets(specs, settings)]
-    checks = build_checks(specs, bronze, downstream)
+    checks, check_sensors = build_checks(
+        specs, bronze, downstream, dt.timedelta(hours=settings.bronze_freshness_hours)
+    )
     bronze_job = dg.define_asset_job(
         BRONZE_JOB,
         selection=dg.AssetSelection.groups(BRONZE),
@@ -181,6 +185,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             else dg.DefaultSensorStatus.STOPPED,
             minimum_interval_seconds=60,
         ),
+        *check_sensors,
     ]
     partner_sync = build_partner_sync_sensor(specs)
     if partner_sync is not None:

@@ -171,6 +171,19 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             problems[name] = f"must be >= {minimum}, got {number}"
         return number
 
+    def parse_float(name: str, default: float) -> float:
+        value = get(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if number <= 0:
+            problems[name] = f"must be a positive number, got {value!r}"
+            return default
+        return number
+
     # --- source -------------------------------------------------------------------
     host = require("DATALAKE_MYSQL_HOST")
     mysql: MySQLSettings | None = None
@@ -274,7 +287,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         v3_pool=get("DATALAKE_V3_POOL") or "v3_mysql",
         bronze_max_retries=parse_int("DATALAKE_BRONZE_MAX_RETRIES", 3, minimum=0),
         bronze_retry_delay_seconds=parse_int("DATALAKE_BRONZE_RETRY_DELAY_SECONDS", 15, minimum=0),
-        bronze_freshness_hours=parse_int("DATALAKE_BRONZE_FRESHNESS_HOURS", 3),
+        bronze_freshness_hours=parse_float("DATALAKE_BRONZE_FRESHNESS_HOURS", 3.0),
         automation_running=automation_running,
     )
     if problems:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -195,3 +196,37 @@ def test_duckdb_resource_settings_apply() -> None:
     limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
     assert "488" in limit or "512" in limit or "MiB" in limit
     assert duckdb.__version__.startswith("2.")
+
+
+def test_bronze_freshness_check_passes_when_fresh_and_fails_when_stale(demo, tmp_path: Path) -> None:
+    _, _engine = demo
+    instance = dg.DagsterInstance.ephemeral()
+    key = dg.AssetKey(["bronze", "dealer"])
+
+    def defs_with(hours: str) -> dg.Definitions:
+        return build_definitions(
+            resolve_settings(
+                lake_env(
+                    tmp_path / "lake",
+                    {"DATALAKE_DEMO_DIR": str(tmp_path / "demo"), "DATALAKE_BRONZE_FRESHNESS_HOURS": hours},
+                )
+            )
+        )
+
+    fresh_defs = defs_with("3")
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    fresh_defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={key}, asset_check_selection=set()
+    ).execute_in_process(partition_key=today, instance=instance)
+    (check,) = [
+        c
+        for c in fresh_defs.resolve_asset_graph().asset_check_keys
+        if c.asset_key == key and "fresh" in c.name
+    ]
+    fresh = _run_checks(fresh_defs, {check}, instance)
+    assert fresh[(key.to_user_string(), check.name)].passed
+
+    time.sleep(2.5)
+    stale_defs = defs_with("0.0005")  # 1.8 s
+    stale = _run_checks(stale_defs, {check}, instance)
+    assert not stale[(key.to_user_string(), check.name)].passed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from datalake.definitions import build_definitions
@@ -83,11 +85,14 @@ def test_azure_root_without_credentials_is_rejected() -> None:
     assert "DATALAKE_AZURE_ACCOUNT_KEY" in info.value.problems
 
 
-def test_dagster_loads_the_module_in_local_and_refuses_prod_with_a_missing_variable() -> None:
+def test_dagster_loads_the_module_in_local_and_refuses_prod_with_a_missing_variable(tmp_path: Path) -> None:
     """The real loader (`dagster definitions validate`), as `dagster dev` and the code server use it."""
-    ok = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], clean_environ())
+    # An empty instance of its own: without DAGSTER_HOME, Dagster would read the repository's
+    # production dagster.yaml (PostgreSQL) from the working directory.
+    home = {"DAGSTER_HOME": str(tmp_path)}
+    ok = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], clean_environ(home))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    env = clean_environ({k: v for k, v in PROD_ENV.items() if k != "DATALAKE_ROOT_SILVER"})
+    env = clean_environ({**home, **{k: v for k, v in PROD_ENV.items() if k != "DATALAKE_ROOT_SILVER"}})
     failed = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], env)
     assert failed.returncode != 0
     assert "DATALAKE_ROOT_SILVER" in failed.stdout + failed.stderr

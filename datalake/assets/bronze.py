@@ -114,12 +114,6 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
         io_manager_key="bronze_io_manager",
         pool=settings.v3_pool,
         retry_policy=retry_policy(settings),
-        # An incremental table not refreshed within the window shows as stale in the UI.
-        freshness_policy=dg.FreshnessPolicy.time_window(
-            fail_window=dt.timedelta(hours=settings.bronze_freshness_hours)
-        )
-        if spec.mode is Mode.INCREMENTAL
-        else None,
         kinds={"mysql", "parquet"},
         metadata={
             "datalake/source_table": spec.qualified_name,

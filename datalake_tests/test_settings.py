@@ -90,7 +90,9 @@ def test_dagster_loads_the_module_in_local_and_refuses_prod_with_a_missing_varia
     # An empty instance of its own: without DAGSTER_HOME, Dagster would read the repository's
     # production dagster.yaml (PostgreSQL) from the working directory.
     home = {"DAGSTER_HOME": str(tmp_path)}
-    ok = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], clean_environ(home))
+    ok = run_cli(
+        ["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], clean_environ(home)
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     env = clean_environ({**home, **{k: v for k, v in PROD_ENV.items() if k != "DATALAKE_ROOT_SILVER"}})
     failed = run_cli(["-m", "dagster", "definitions", "validate", "-m", "datalake.definitions"], env)

@@ -495,8 +495,8 @@ def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.Record
     """Reads ``source`` in a background thread, at most ``depth`` batches ahead.
 
     The reader (network, decoding, type restores) and the consumer (the Parquet writer) both
-    release the GIL for their heavy parts, so overlapping them nearly halves a bronze run's wall
-    time; memory grows by ``depth`` batches. Errors surface in the consumer at the batch where
+    release the GIL for their heavy parts, so they overlap instead of alternating (a modest gain
+    on two shared cores, more where the source is remote); memory grows by ``depth`` batches. Errors surface in the consumer at the batch where
     they happened; a consumer that stops early stops the reader too.
     """
     queue: Queue[Any] = Queue(maxsize=depth)

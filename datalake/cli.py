@@ -127,7 +127,10 @@ def print_summary(rows: Sequence[tuple[str, str, int | None, str]], settings: Se
         span = keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]} ({len(keys)})"
         total = sum(c for _, c, _ in entries)
         uri = entries[-1][2]
+        # Several partitions: the asset's folder, not one of its files.
         location = uri.split("/ingestion_date=")[0] if "/ingestion_date=" in uri else uri
+        if len(keys) > 1 and location.endswith(".parquet"):
+            location = location.rsplit("/", 1)[0] + "/"
         print(f"  {asset:<{width}}  {span:<24}  {len(entries):>4}  {total:>9,}  {location}")
     print("\nStorage roots:")
     for group, root in settings.storage_roots.items():

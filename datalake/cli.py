@@ -9,11 +9,12 @@ then silver and Rev-Sci; print what was materialized. Exits non-zero on any fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import dagster as dg
 
@@ -27,6 +28,7 @@ from datalake.definitions import (
     source_resource,
 )
 from datalake.settings import Settings, resolve_settings
+from datalake.source import V3SourceResource
 from datalake.specs import load_registry
 
 RANGE_START = "dagster/asset_partition_range_start"
@@ -58,13 +60,21 @@ def _materializations(result: dg.ExecuteInProcessResult) -> list[tuple[str, str,
     return rows
 
 
+@contextlib.contextmanager
+def _source(settings: Settings) -> Iterator[V3SourceResource]:
+    """The source resource outside a run, its EnvVar-held secrets resolved as a run would."""
+    with dg.build_resources({"v3_source": source_resource(settings)}) as resources:
+        yield resources.v3_source
+
+
 def run_demo(
     settings: Settings, days: int, instance: dg.DagsterInstance
 ) -> list[tuple[str, str, int | None, str]]:
     defs = build_definitions(settings)
     started = time.monotonic()
-    print(f"source: {source_resource(settings).describe()}", flush=True)
-    source_resource(settings).engine().dispose()  # creates and seeds the demo source on first use
+    with _source(settings) as source:
+        print(f"source: {source.describe()}", flush=True)
+        source.engine().dispose()  # creates and seeds the demo source on first use
     print(f"  ready in {time.monotonic() - started:.1f}s", flush=True)
 
     today = dt.datetime.now(settings.tz).date()
@@ -103,9 +113,8 @@ def run_downstream(
         instance=instance, tags={RANGE_START: first_day.isoformat(), RANGE_END: last_day.isoformat()}
     )
     rows += _materializations(result)
-    # build_resources resolves the EnvVar-held secrets, as a run would.
-    with dg.build_resources({"v3_source": source_resource(settings)}) as resources:
-        partners = sync_partners(instance, resources.v3_source, load_registry(settings.registry_path))
+    with _source(settings) as source:
+        partners = sync_partners(instance, source, load_registry(settings.registry_path))
     print(f"Rev-Sci for {len(partners)} partners (one run) ...", flush=True)
     result = defs.resolve_job_def(REVSCI_JOB).execute_in_process(
         instance=instance, tags={RANGE_START: partners[0], RANGE_END: partners[-1]}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import polars as pl
+import pytest
 
-from datalake_tests.helpers import clean_environ, lake_env, run_cli
+from datalake_tests.helpers import clean_environ, lake_env, mariadb_env, run_cli
+from datalake_tests.services import MariaDBServer
 
 
 def test_demo_command_materializes_every_layer(tmp_path: Path) -> None:
@@ -38,3 +41,20 @@ def test_demo_command_materializes_every_layer(tmp_path: Path) -> None:
     assert len(files) == 3
     assert pl.scan_parquet(files).select(pl.col("cdr_id").n_unique()).collect().item() == 2000
     assert (tmp_path / "lake" / "vanguard_wholesale" / "billing_usage_aggregated").is_dir()
+
+
+@pytest.mark.mariadb
+def test_demo_command_against_mysql(v3_mariadb: Any, mariadb_server: MariaDBServer, tmp_path: Path) -> None:
+    """With MySQL settings the same command reads that MySQL (its password an EnvVar)."""
+    v3_mariadb(cdr_rows=1_000)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = clean_environ(mariadb_env(mariadb_server, tmp_path))
+    env["DAGSTER_HOME"] = str(home)
+    done = run_cli(["-m", "datalake.cli", "demo", "--days", "1"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"mysql://{mariadb_server.ro_user}@" in done.stdout
+    assert mariadb_server.ro_password not in done.stdout + done.stderr
+    files = sorted((tmp_path / "lake" / "bronze" / "billing_cdr").rglob("*.parquet"))
+    assert pl.scan_parquet(files).select(pl.col("cdr_id").n_unique()).collect().item() == 1_000
+    assert list((tmp_path / "lake" / "vanguard_wholesale" / "billing_usage_aggregated").glob("*.parquet"))

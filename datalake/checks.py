@@ -15,6 +15,7 @@ import dagster as dg
 import duckdb
 import sqlalchemy as sa
 
+from datalake.extract import utc_naive
 from datalake.lake import DuckDBResource, ParquetPaths
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
@@ -115,9 +116,9 @@ def _reconciliation_check(spec: TableSpec) -> dg.AssetChecksDefinition:
         table = sa.table(spec.table, window_column, schema=spec.source_schema)
         where = []
         if lo:
-            where.append(window_column >= _naive(decode_watermark(lo, bound_kind)))
+            where.append(window_column >= utc_naive(decode_watermark(lo, bound_kind)))
         if hi:
-            where.append(window_column < _naive(decode_watermark(hi, bound_kind)))
+            where.append(window_column < utc_naive(decode_watermark(hi, bound_kind)))
         with v3_source.engine().connect() as conn:
             source_rows = int(
                 conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
@@ -138,12 +139,6 @@ def _reconciliation_check(spec: TableSpec) -> dg.AssetChecksDefinition:
         )
 
     return _check
-
-
-def _naive(value: Any) -> Any:
-    if isinstance(value, dt.datetime) and value.tzinfo is not None:
-        return value.astimezone(dt.UTC).replace(tzinfo=None)
-    return value
 
 
 def _null_cursor_check(spec: TableSpec) -> dg.AssetChecksDefinition:

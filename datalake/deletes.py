@@ -12,6 +12,7 @@ wins over its tombstone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,8 +29,8 @@ from datalake.extract import (
     Extraction,
     Window,
     WindowKind,
-    _stream_rows,
     plan_extraction,
+    stream_rows,
 )
 from datalake.lake import ParquetPaths
 
@@ -45,10 +46,8 @@ def source_keys(engine: sa.Engine, extraction: Extraction, batch_size: int) -> I
         plan = plan_extraction(conn, spec, Window(WindowKind.SNAPSHOT))
         keys = tuple(plan.table.c[k] for k in spec.primary_key)
         fields = [plan.schema.field(k) for k in spec.primary_key]
-        key_plan = type(plan)(
-            spec=spec, table=plan.table, columns=keys, schema=pa.schema(fields), window=plan.window
-        )
-        for arrays, _zero in _stream_rows(conn, key_plan, None, None, batch_size):
+        key_plan = dataclasses.replace(plan, columns=keys, schema=pa.schema(fields))
+        for arrays, _zero in stream_rows(conn, key_plan, None, None, batch_size):
             yield pa.RecordBatch.from_arrays(arrays, schema=key_plan.schema)
 
 

@@ -247,13 +247,10 @@ class Extraction:
         """
         stats = self.stats
 
+        from datalake.watermark import encode_watermark
+
         def text(value: Any) -> str:
-            if value is None:
-                return ""
-            if isinstance(value, dt.datetime):
-                value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-                return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
-            return str(value)
+            return "" if value is None else encode_watermark(value)
 
         return {
             "datalake/window_kind": self.window.kind.value,
@@ -322,7 +319,7 @@ def reflect(conn: sa.Connection, spec: TableSpec) -> sa.Table:
     return table
 
 
-def _utc_naive(value: Any) -> Any:
+def utc_naive(value: Any) -> Any:
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
         return value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
@@ -378,7 +375,7 @@ def resolve_bounds(
     are later than ``hi`` too. That is what makes at-least-once hold with late commits.
     """
     spec, window = plan.spec, plan.window
-    lo, hi = _utc_naive(window.lo), _utc_naive(window.hi)
+    lo, hi = utc_naive(window.lo), utc_naive(window.hi)
     if window.kind not in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH) or spec.cursor is None:
         return lo, hi
     dialect = SourceDialect(conn.dialect.name)
@@ -462,7 +459,7 @@ def extract(
                 conn.close()
                 stream = stream_arrow(arrow_url(), conn.dialect, plan, lo, hi, batch_size)
             else:
-                stream = _stream_rows(conn, plan, lo, hi, batch_size)
+                stream = stream_rows(conn, plan, lo, hi, batch_size)
             last_log = time.monotonic()
             for columns, zero_dates in stream:
                 stats.zero_dates += zero_dates
@@ -554,7 +551,7 @@ class Lineage:
         return pa.RecordBatch.from_arrays([*columns, *extra], schema=schema)
 
 
-def _stream_rows(
+def stream_rows(
     conn: sa.Connection, plan: Plan, lo: Any, hi: Any, batch_size: int
 ) -> Iterator[tuple[list[pa.Array], int]]:
     """The row reader: a server-side cursor through SQLAlchemy; Python values → Arrow arrays."""

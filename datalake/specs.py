@@ -9,7 +9,6 @@ every error names the entry and the field.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -186,10 +185,3 @@ def load_registry(path: Path) -> tuple[TableSpec, ...]:
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
     return parse_registry(document, origin=str(path))
-
-
-def spec_by_table(specs: Sequence[TableSpec], table: str) -> TableSpec:
-    for spec in specs:
-        if spec.asset_name == table:
-            return spec
-    raise KeyError(table)

@@ -53,12 +53,17 @@ _I32_SENTINEL = "(-2147483647 - 1)"
 _EPOCH = "'1970-01-01 00:00:00'"
 
 
+def _carried_exactly(arrow: pa.DataType) -> bool:
+    """connectorx reads DECIMAL through a 96-bit decimal (28 digits) into decimal128(38,10)."""
+    return arrow.precision <= 28 and arrow.scale <= 10
+
+
 def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType) -> str:
     t = column.type
-    if pa.types.is_decimal(arrow) or (arrow == pa.uint64() and not isinstance(t, mysql.BIT)):
+    if pa.types.is_decimal(arrow) and not _carried_exactly(arrow):
         return f"CAST({quoted} AS CHAR)"
     if isinstance(t, mysql.BIT):
-        return f"CAST(CAST({quoted} AS UNSIGNED) AS CHAR)"
+        return f"CAST({quoted} AS UNSIGNED)"
     if isinstance(t, mysql.TIMESTAMP):
         return f"IF({quoted} = 0, {_I64_SENTINEL}, CAST(UNIX_TIMESTAMP({quoted}) * 1000000 AS SIGNED))"
     if pa.types.is_timestamp(arrow):

@@ -2,9 +2,11 @@
 
 connectorx streams Arrow record batches straight from the wire protocol (no Python row
 objects), but its type mapping loses information: DECIMAL becomes decimal128(38,10) (silent
-truncation, a panic above 28 digits), zero dates panic, TIME and TIMESTAMP depend on the
-session. So each column is selected in a form the reader carries exactly, and restored to
-the column's declared Arrow type (from the source's metadata, as in the row reader):
+truncation, a panic above 28 digits), zero dates panic, TIME becomes a time of day. So the few
+columns it cannot carry are selected in a form it carries exactly, and every column is restored
+to its declared Arrow type (from the source's metadata, as in the row reader). Everything else
+is read natively: a server-side expression costs MariaDB CPU on every row, which on a shared
+host is the extraction's bottleneck.
 
 ==========================  ================================================  ===================
 MySQL type                  selected as                                        restored to
@@ -13,20 +15,23 @@ DECIMAL(p,s), p>28 or s>10  ``CAST(c AS CHAR)`` (exact decimal text)           d
 DECIMAL(p,s), otherwise     as is (decimal128(38,10), exact at that size)      decimal128(p,s)
 BIGINT UNSIGNED             as is (connectorx carries u64 exactly)             uint64
 BIT(n)                      ``CAST(c AS UNSIGNED)``                            uint64
-DATETIME(fsp)               µs since 1970-01-01 (``TIMESTAMPDIFF``), or a      timestamp[us, UTC]
-                            sentinel for zero/invalid dates
-TIMESTAMP(fsp)              µs since the epoch (``UNIX_TIMESTAMP``: the        timestamp[us, UTC]
-                            stored instant, whatever the session time zone)
-DATE                        days since 1970-01-01 (``DATEDIFF``) or sentinel   date32
+DATETIME, DATE, TIMESTAMP   as is; with date guards (below), NULL where the    timestamp[us, UTC],
+                            month or day is zero                               date32
 TIME(fsp)                   signed µs (``TIME_TO_SEC``; negative, > 24 h)      duration[us]
-YEAR                        ``CAST(c AS SIGNED)``                              int16
-ENUM, SET, JSON             ``CAST(c AS CHAR)``                                string
+JSON                        ``CAST(c AS CHAR)`` (MySQL 8 sends binary JSON)    string
 TINYINT(1)                  as is                                              bool
 everything else             as is                                              declared type
 ==========================  ================================================  ===================
 
-Zero dates become NULL and are counted. The statement runs with the session time zone set to
-UTC for its duration (``SET STATEMENT`` on MariaDB, the ``SET_VAR`` hint on MySQL 8), so window
+Zero dates (``0000-00-00``, ``2024-00-10`` …, legal in legacy SQL modes) are the one value a
+native date read cannot carry; connectorx panics on them. The first read is native; if it meets
+a zero date it raises ``NeedsDateGuards`` and the caller discards what it wrote and reads the
+same window again *with date guards*: each date column becomes ``IF(MONTH(c) = 0 OR
+DAYOFMONTH(c) = 0, NULL, c)`` and one extra column counts the zero dates nulled per row. The
+materialization records that the table needed guards, so later runs start guarded.
+
+The statement runs with the session time zone set to UTC for its duration (``SET STATEMENT`` on
+MariaDB, the ``SET_VAR`` hint on MySQL 8), so TIMESTAMP values arrive as UTC instants and window
 bounds on TIMESTAMP columns compare as UTC instants.
 """
 
@@ -40,7 +45,7 @@ import pyarrow.compute
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from datalake.extract import ExtractionError
+from datalake.extract import ExtractionError, NeedsDateGuards
 
 # pyarrow.compute's kernels are generated at import time; type checkers cannot see them.
 pc: Any = pyarrow.compute
@@ -48,9 +53,7 @@ pc: Any = pyarrow.compute
 if TYPE_CHECKING:
     from datalake.extract import Plan
 
-_I64_SENTINEL = "(-9223372036854775807 - 1)"
-_I32_SENTINEL = "(-2147483647 - 1)"
-_EPOCH = "'1970-01-01 00:00:00'"
+ZERO_DATES_COLUMN = "_datalake_zero_dates"
 
 
 def _carried_exactly(arrow: pa.DataType) -> bool:
@@ -58,53 +61,41 @@ def _carried_exactly(arrow: pa.DataType) -> bool:
     return arrow.precision <= 28 and arrow.scale <= 10
 
 
-def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType) -> str:
+def _is_date(arrow: pa.DataType) -> bool:
+    return pa.types.is_timestamp(arrow) or pa.types.is_date(arrow)
+
+
+def _zero_date(quoted: str) -> str:
+    return f"(MONTH({quoted}) = 0 OR DAYOFMONTH({quoted}) = 0)"
+
+
+def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType, *, guard_dates: bool) -> str:
     t = column.type
     if pa.types.is_decimal(arrow) and not _carried_exactly(arrow):
         return f"CAST({quoted} AS CHAR)"
     if isinstance(t, mysql.BIT):
         return f"CAST({quoted} AS UNSIGNED)"
-    if isinstance(t, mysql.TIMESTAMP):
-        return f"IF({quoted} = 0, {_I64_SENTINEL}, CAST(UNIX_TIMESTAMP({quoted}) * 1000000 AS SIGNED))"
-    if pa.types.is_timestamp(arrow):
-        return (
-            f"IFNULL(TIMESTAMPDIFF(MICROSECOND, {_EPOCH}, {quoted}), "
-            f"IF({quoted} IS NULL, NULL, {_I64_SENTINEL}))"
-        )
-    if pa.types.is_date(arrow):
-        return f"IFNULL(DATEDIFF({quoted}, {_EPOCH}), IF({quoted} IS NULL, NULL, {_I32_SENTINEL}))"
+    if _is_date(arrow) and guard_dates:
+        return f"IF({_zero_date(quoted)}, NULL, {quoted})"
     if pa.types.is_duration(arrow):
         return f"CAST(TIME_TO_SEC({quoted}) * 1000000 AS SIGNED)"
-    if isinstance(t, mysql.YEAR):
-        return f"CAST({quoted} AS SIGNED)"
-    if isinstance(t, (sa.JSON, sa.Enum, mysql.SET)):
+    if isinstance(t, sa.JSON):
         return f"CAST({quoted} AS CHAR)"
     return quoted
 
 
-def _restore(array: pa.Array | pa.ChunkedArray, arrow: pa.DataType) -> tuple[pa.Array, int]:
-    """The declared type from what the reader carried; returns (array, zero dates nulled)."""
+def _restore(array: pa.Array | pa.ChunkedArray, arrow: pa.DataType) -> pa.Array:
+    """The declared type from what the reader carried."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
-    zero = 0
-    if pa.types.is_timestamp(arrow) or pa.types.is_date(arrow):
-        sentinel = -(2**63) if pa.types.is_timestamp(arrow) else -(2**31)
-        is_zero = pc.equal(array, pa.scalar(sentinel, array.type))
-        zero = pc.sum(is_zero).as_py() or 0
-        if zero:
-            array = pc.if_else(is_zero, pa.scalar(None, array.type), array)
-        array = array.cast(pa.int64() if pa.types.is_timestamp(arrow) else pa.int32())
-        return pc.cast(array, arrow), zero
     if pa.types.is_duration(arrow):
-        return pc.cast(array.cast(pa.int64()), arrow), 0
-    if pa.types.is_binary(arrow) and pa.types.is_large_binary(array.type):
-        return array.cast(arrow), 0
+        return pc.cast(array.cast(pa.int64()), arrow)
     if array.type != arrow:
-        return pc.cast(array, arrow), 0
-    return array, 0
+        return pc.cast(array, arrow)
+    return array
 
 
-def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any) -> str:
+def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates: bool = False) -> str:
     """The SELECT for the window, with bounds rendered as literals (connectorx has no bind parameters).
 
     The bounds are values this code computed (datetimes, integers), rendered by SQLAlchemy's
@@ -112,9 +103,15 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any) -> str:
     """
     quote = dialect.identifier_preparer.quote
     columns = [
-        sa.literal_column(_select_sql(c, quote(c.name), plan.schema.field(c.name).type)).label(c.name)
+        sa.literal_column(
+            _select_sql(c, quote(c.name), plan.schema.field(c.name).type, guard_dates=guard_dates)
+        ).label(c.name)
         for c in plan.columns
     ]
+    dates = [quote(c.name) for c in plan.columns if _is_date(plan.schema.field(c.name).type)]
+    if guard_dates and dates:
+        count = " + ".join(f"IFNULL({_zero_date(d)}, 0)" for d in dates)
+        columns.append(sa.literal_column(f"CAST({count} AS SIGNED)").label(ZERO_DATES_COLUMN))
     stmt = sa.select(*columns).select_from(plan.table)
     condition = plan.where(lo, hi)
     if condition is not None:
@@ -129,22 +126,21 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any) -> str:
 
 
 def stream_arrow(
-    url: str, dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, batch_size: int
+    url: str, dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, batch_size: int, *, guard_dates: bool
 ) -> Iterator[tuple[list[pa.Array], int]]:
+    """Yields (the batch's columns in their declared types, zero dates nulled in it)."""
     import connectorx as cx
 
-    sql = statement(dialect, plan, lo, hi)
+    sql = statement(dialect, plan, lo, hi, guard_dates=guard_dates)
     types = [plan.schema.field(c.name).type for c in plan.columns]
     password = _password(url)
     try:
         reader = cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size)
         for batch in reader:
-            arrays: list[pa.Array] = []
+            arrays = [_restore(batch.column(i), arrow) for i, arrow in enumerate(types)]
             zero_dates = 0
-            for i, arrow in enumerate(types):
-                restored, zero = _restore(batch.column(i), arrow)
-                arrays.append(restored)
-                zero_dates += zero
+            if batch.num_columns > len(types):
+                zero_dates = pc.sum(batch.column(len(types))).as_py() or 0
             yield arrays, zero_dates
     except BaseException as exc:  # connectorx raises Rust panics as BaseException
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
@@ -152,6 +148,10 @@ def stream_arrow(
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if password:
             message = message.replace(password, "***")
+        if not guard_dates and "convert the value `Date(" in message:
+            raise NeedsDateGuards(
+                f"{plan.spec.qualified_name}: a zero date in the window; reading it again with date guards"
+            ) from None
         raise ExtractionError(
             f"{plan.spec.qualified_name}: reading from the source failed: {message}"
         ) from None

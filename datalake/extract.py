@@ -47,10 +47,16 @@ LINEAGE_FIELDS = (
 )
 LINEAGE_COLUMNS = frozenset(f.name for f in LINEAGE_FIELDS)
 UTC_TS = pa.timestamp("us", tz="UTC")
+# Materialization metadata: the Arrow reader needed date guards (zero dates) for this table.
+DATE_GUARDS_KEY = "datalake/date_guards"
 
 
 class ExtractionError(RuntimeError):
     pass
+
+
+class NeedsDateGuards(ExtractionError):
+    """The Arrow-native read met a zero date: the window must be read again with date guards."""
 
 
 class WindowKind(StrEnum):
@@ -198,10 +204,17 @@ class ExtractionStats:
     batches: int = 0
     zero_dates: int = 0
     null_cursor_rows: int = 0
+    # Passes over the window: 2 when a native read met a zero date and was read again guarded.
+    passes: int = 1
     # Keys found deleted in the source by a delete reconciliation (None: none was run).
     deletes: int | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+
+    def restart(self) -> None:
+        """Counts from zero for a re-read of the same window (the clock keeps running)."""
+        self.rows = self.batches = self.zero_dates = self.null_cursor_rows = 0
+        self.passes += 1
 
     @property
     def seconds(self) -> float:
@@ -231,6 +244,18 @@ class Extraction:
     reconcile: Callable[..., Iterator[pa.RecordBatch]] | None = None
     # The resolved window, filled in once the read has started (hi is resolved then).
     resolved: dict[str, Any] = field(default_factory=dict)
+    # Arrow reader only: zero dates are nulled server-side (see datalake/arrow_reader.py).
+    date_guards: bool = False
+    # Opens a fresh batch stream over the resolved window (date_guards as given).
+    reopen: Callable[[bool], Iterator[pa.RecordBatch]] | None = None
+
+    def reread_with_date_guards(self) -> None:
+        """After ``NeedsDateGuards``: the same window again, guarded; whatever was written is discarded."""
+        if self.reopen is None or self.date_guards:
+            raise ExtractionError(f"{self.spec.qualified_name}: cannot read the window again")
+        self.stats.restart()
+        self.date_guards = True
+        self.batches = self.reopen(True)
 
     @property
     def watermark(self) -> Any:
@@ -257,6 +282,8 @@ class Extraction:
             "datalake/window_lo": text(self.resolved.get("lo")),
             "datalake/window_hi": text(self.resolved.get("hi")),
             "datalake/reader": self.reader,
+            DATE_GUARDS_KEY: self.date_guards,
+            "datalake/passes": stats.passes,
             "datalake/zero_dates_nulled": stats.zero_dates,
             "datalake/null_cursor_rows": stats.null_cursor_rows,
             "datalake/batches": stats.batches,
@@ -427,6 +454,7 @@ def extract(
     source: str = "",
     arrow_url: Callable[[], str] | None = None,
     reconcile_deletes: bool = False,
+    date_guards: bool = False,
 ) -> Extraction:
     """Plans the read and returns an Extraction whose batches stream from the source.
 
@@ -449,15 +477,20 @@ def extract(
     )
     lineage = Lineage(run_id=run_id, extracted_at=dt.datetime.now(dt.UTC))
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def batches(guard_dates: bool) -> Iterator[pa.RecordBatch]:
         with engine.connect() as conn:
-            lo, hi = resolve_bounds(conn, plan, lag, log)
-            extraction.resolved.update(lo=lo, hi=hi)
+            if "hi" in extraction.resolved:  # a re-read: the very same window
+                lo, hi = extraction.resolved["lo"], extraction.resolved["hi"]
+            else:
+                lo, hi = resolve_bounds(conn, plan, lag, log)
+                extraction.resolved.update(lo=lo, hi=hi)
             if arrow_url is not None:
                 from datalake.arrow_reader import stream_arrow
 
                 conn.close()
-                stream = stream_arrow(arrow_url(), conn.dialect, plan, lo, hi, batch_size)
+                stream = stream_arrow(
+                    arrow_url(), conn.dialect, plan, lo, hi, batch_size, guard_dates=guard_dates
+                )
             else:
                 stream = stream_rows(conn, plan, lo, hi, batch_size)
             last_log = time.monotonic()
@@ -477,7 +510,9 @@ def extract(
                     )
         stats.finished = time.monotonic()
 
-    extraction.batches = prefetch(batches(), depth=2)
+    extraction.reopen = lambda guard_dates: prefetch(batches(guard_dates), depth=2)
+    extraction.date_guards = date_guards and arrow_url is not None
+    extraction.batches = extraction.reopen(extraction.date_guards)
     if reconcile_deletes:
         from datalake.deletes import reconciler
 

@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from datalake.extract import Extraction
+from datalake.extract import Extraction, NeedsDateGuards
 from datalake.lake import (
     DEFAULT_ROW_GROUP_SIZE,
     PARTITION_COLUMN_KEY,
@@ -169,20 +169,13 @@ class BronzeIOManager(_LakeRoot):
         storage = self.storage()
         table = _asset_name(context.asset_key)
         relative = bronze_file(table, context.partition_key, context.run_id)
-        batches: Iterator[pa.RecordBatch] = obj.batches
-        if obj.reconcile is not None:
-            # Delete reconciliation: tombstones follow the window's rows in the same file; the
-            # keys are compared with every file of the table already in the lake (not this one).
-            existing = [f for f in storage.list_files(bronze_prefix(table)) if f != relative]
-            handle = ParquetPaths(
-                asset_key=context.asset_key,
-                files=tuple(storage.reader_path(f) for f in existing),
-                schema=obj.schema,
-                filesystem=storage.fs if storage.root.is_azure else None,
-            )
-            reconcile = obj.reconcile
-            batches = itertools.chain(batches, _later(lambda: reconcile(handle, obj.stats.rows)))
-        written = write_parquet(storage, relative, obj.schema, batches)
+        try:
+            written = write_parquet(storage, relative, obj.schema, _with_tombstones(storage, context, obj))
+        except NeedsDateGuards as exc:
+            # Nothing of the first attempt is visible (the write was not committed).
+            context.log.warning(str(exc))
+            obj.reread_with_date_guards()
+            written = write_parquet(storage, relative, obj.schema, _with_tombstones(storage, context, obj))
         metadata: dict[str, Any] = {**output_metadata(written), **obj.metadata()}
         if obj.watermark is not None:
             # The commit: recorded only because the file above is durably in place.
@@ -203,6 +196,27 @@ class BronzeIOManager(_LakeRoot):
                 {k: _scan(storage, fs) if fs else _empty(schema) for k, fs in by_key.items()}, wanted
             )
         return _shape({"": _scan(storage, files)}, _Wanted(wanted.lazy, as_dict=False))
+
+
+def _with_tombstones(
+    storage: LakeStorage, context: dg.OutputContext, obj: Extraction
+) -> Iterator[pa.RecordBatch]:
+    """The extraction's batches, followed by delete tombstones when it reconciles deletes."""
+    if obj.reconcile is None:
+        return obj.batches
+    # Tombstones follow the window's rows in the same file; the keys are compared with every
+    # file of the table already in the lake (not this run's).
+    table = _asset_name(context.asset_key)
+    own = bronze_file(table, context.partition_key, context.run_id)
+    existing = [f for f in storage.list_files(bronze_prefix(table)) if f != own]
+    handle = ParquetPaths(
+        asset_key=context.asset_key,
+        files=tuple(storage.reader_path(f) for f in existing),
+        schema=obj.schema,
+        filesystem=storage.fs if storage.root.is_azure else None,
+    )
+    reconcile = obj.reconcile
+    return itertools.chain(obj.batches, _later(lambda: reconcile(handle, obj.stats.rows)))
 
 
 def _later(make: Callable[[], Iterator[pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:

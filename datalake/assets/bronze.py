@@ -14,7 +14,7 @@ from typing import Literal
 
 import dagster as dg
 
-from datalake.extract import Extraction, Window, WindowKind, extract
+from datalake.extract import DATE_GUARDS_KEY, Extraction, Window, WindowKind, extract
 from datalake.settings import Settings
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, TableSpec
@@ -101,6 +101,14 @@ def plan_window(
     return Window(WindowKind.BACKFILL, column=spec.window_column, lo=lo, hi=hi)
 
 
+def _needed_date_guards(instance: dg.DagsterInstance, key: dg.AssetKey) -> bool:
+    """Whether the table's latest materialization met zero dates (then this run starts guarded)."""
+    event = instance.get_latest_materialization_event(key)
+    materialization = event.asset_materialization if event else None
+    entry = materialization.metadata.get(DATE_GUARDS_KEY) if materialization else None
+    return bool(entry is not None and entry.value)
+
+
 def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:
     batch_size = spec.batch_size or settings.batch_size
     key = dg.AssetKey(["bronze", spec.asset_name])
@@ -156,6 +164,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             source=v3_source.describe(),
             arrow_url=(lambda: arrow_url) if arrow_url else None,
             reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,
+            date_guards=_needed_date_guards(context.instance, key),
         )
 
     return _bronze

@@ -9,10 +9,9 @@
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import duckdb
 import sqlalchemy as sa
 
 from datalake.extract import utc_naive
@@ -20,6 +19,9 @@ from datalake.lake import DuckDBResource, ParquetPaths
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
 from datalake.watermark import decode_watermark
+
+if TYPE_CHECKING:
+    import duckdb
 
 PRIMARY_KEY_METADATA = "datalake/primary_key"
 
@@ -73,7 +75,7 @@ def primary_key_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition | 
     return _check
 
 
-def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
+def _one(con: "duckdb.DuckDBPyConnection", sql: str) -> tuple[Any, ...]:
     (row,) = con.execute(sql).fetchall()
     return tuple(row)
 

@@ -17,7 +17,6 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import sqlalchemy as sa
 
@@ -65,6 +64,8 @@ def reconciler(
         if existing.is_empty:
             extraction.stats.deletes = 0
             return
+        import duckdb
+
         con = duckdb.connect()
         keys = [_q(k) for k in spec.primary_key]
         cursor = _q(spec.cursor.column) if spec.cursor else None

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import collections.abc
 import itertools
+import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
@@ -49,6 +49,9 @@ from datalake.lake import (
 )
 from datalake.storage import AzureBlobResource, LakeStorage
 from datalake.watermark import WATERMARK_KEY, encode_watermark
+
+if TYPE_CHECKING:  # imported where frames are made: bronze runs never load polars
+    import polars as pl
 
 # Dagster records an asset's IO manager key in its definition metadata under this key (what
 # ``AssetSpec.with_io_manager_key`` sets); the path input manager reads where that role wrote.
@@ -78,14 +81,20 @@ class _Wanted:
     as_dict: bool | None
 
 
+def _polars_class(hint: Any, name: str) -> bool:
+    # An annotation naming a polars class means the asset's module imported polars.
+    loaded = sys.modules.get("polars")
+    return loaded is not None and hint is getattr(loaded, name)
+
+
 def _wanted(context: dg.InputContext) -> _Wanted:
     hint = context.dagster_type.typing_type
     if typing.get_origin(hint) in (dict, collections.abc.Mapping):
         args = typing.get_args(hint)
-        return _Wanted(lazy=len(args) == 2 and args[1] is pl.LazyFrame, as_dict=True)
-    if hint is pl.LazyFrame:
+        return _Wanted(lazy=len(args) == 2 and _polars_class(args[1], "LazyFrame"), as_dict=True)
+    if _polars_class(hint, "LazyFrame"):
         return _Wanted(lazy=True, as_dict=False)
-    if hint is pl.DataFrame:
+    if _polars_class(hint, "DataFrame"):
         return _Wanted(lazy=False, as_dict=False)
     return _Wanted(lazy=False, as_dict=None)
 
@@ -99,6 +108,8 @@ def _mapped_keys(context: dg.InputContext) -> tuple[str, ...] | None:
 
 def _scan(storage: LakeStorage, files: Sequence[str]) -> pl.LazyFrame:
     """A lazy scan over files (native reader, also on Azure); columns unified by name."""
+    import polars as pl
+
     scans = []
     for relative in files:
         source, options = storage.polars_source(relative)
@@ -107,6 +118,8 @@ def _scan(storage: LakeStorage, files: Sequence[str]) -> pl.LazyFrame:
 
 
 def _empty(schema: pa.Schema) -> pl.LazyFrame:
+    import polars as pl
+
     frame = pl.from_arrow(schema.empty_table())
     assert isinstance(frame, pl.DataFrame)
     return frame.lazy()
@@ -114,6 +127,7 @@ def _empty(schema: pa.Schema) -> pl.LazyFrame:
 
 def _shape(frames: Mapping[str, pl.LazyFrame], wanted: _Wanted) -> Any:
     """Frames per partition as the input asked: one frame or a dict, lazy or collected."""
+    import polars as pl
 
     def done(frame: pl.LazyFrame) -> pl.LazyFrame | pl.DataFrame:
         return frame if wanted.lazy else frame.collect()
@@ -170,12 +184,12 @@ class BronzeIOManager(_LakeRoot):
         table = _asset_name(context.asset_key)
         relative = bronze_file(table, context.partition_key, context.run_id)
         try:
-            written = write_parquet(storage, relative, obj.schema, _with_tombstones(storage, context, obj))
+            written = _write_bronze(storage, relative, context, obj)
         except NeedsDateGuards as exc:
             # Nothing of the first attempt is visible (the write was not committed).
             context.log.warning(str(exc))
             obj.reread_with_date_guards()
-            written = write_parquet(storage, relative, obj.schema, _with_tombstones(storage, context, obj))
+            written = _write_bronze(storage, relative, context, obj)
         metadata: dict[str, Any] = {**output_metadata(written), **obj.metadata()}
         if obj.watermark is not None:
             # The commit: recorded only because the file above is durably in place.
@@ -196,6 +210,14 @@ class BronzeIOManager(_LakeRoot):
                 {k: _scan(storage, fs) if fs else _empty(schema) for k, fs in by_key.items()}, wanted
             )
         return _shape({"": _scan(storage, files)}, _Wanted(wanted.lazy, as_dict=False))
+
+
+def _write_bronze(
+    storage: LakeStorage, relative: str, context: dg.OutputContext, obj: Extraction
+) -> WriteResult:
+    """One row group per ``batch_size`` rows, whatever size the reader's batches are."""
+    batches = _with_tombstones(storage, context, obj)
+    return write_parquet(storage, relative, obj.schema, batches, row_group_size=obj.batch_size or None)
 
 
 def _with_tombstones(

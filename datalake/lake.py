@@ -11,18 +11,35 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import dagster as dg
-import duckdb
 import fsspec
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalake.storage import LakeStorage, safe_segment
+
+# polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
+# together they are ~40 MB of a run worker's memory.
+if TYPE_CHECKING:
+    import duckdb
+    import polars as pl
+    from duckdb import DuckDBPyRelation as Relation
+else:
+    # What asset functions declare they return; Dagster resolves the annotation at load time.
+    Relation = Any
+
+
+def loaded_instance(obj: Any, module: str, *names: str) -> bool:
+    """isinstance against a library's classes without importing it: if it was never imported,
+    nothing can be an instance of its classes."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, tuple(getattr(loaded, n) for n in names))
+
 
 INGESTION_DATE = "ingestion_date"
 DEFAULT_ROW_GROUP_SIZE = 122_880  # DuckDB's row-group size: good pruning granularity for its scans
@@ -120,6 +137,24 @@ class WriteResult:
     schema: pa.Schema | None = None
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary encoding: text and bytes.
+
+    Dictionary encoding pays where values repeat (codes, names, run ids). On numbers and
+    timestamps it mostly hashes unique values into a dictionary the writer later abandons: on a
+    CDR table, encoding only text columns writes about 25% faster and the file is about 15%
+    smaller (``bench/`` extraction figures).
+    """
+    return [
+        f.name
+        for f in schema
+        if pa.types.is_string(f.type)
+        or pa.types.is_large_string(f.type)
+        or pa.types.is_binary(f.type)
+        or pa.types.is_large_binary(f.type)
+    ]
+
+
 class _ParquetSink:
     """One Parquet file being written from record batches.
 
@@ -142,6 +177,7 @@ class _ParquetSink:
             schema,
             compression=COMPRESSION,
             write_statistics=True,
+            use_dictionary=dictionary_columns(schema),  # type: ignore[arg-type]  # a list is documented; the stubs say bool
             dictionary_pagesize_limit=dictionary_pagesize_limit,
         )
         self.pending: list[pa.RecordBatch] = []
@@ -226,9 +262,9 @@ def write_parquet(
 
 def write_output(storage: LakeStorage, relative: str, obj: Any, *, row_group_size: int) -> WriteResult:
     """Any supported output into one file, streamed: a LazyFrame is sunk, never collected."""
-    if isinstance(obj, (pl.LazyFrame, pl.DataFrame)):
+    if loaded_instance(obj, "polars", "LazyFrame", "DataFrame"):
         with storage.atomic_writer(relative) as handle:
-            if isinstance(obj, pl.LazyFrame):
+            if loaded_instance(obj, "polars", "LazyFrame"):
                 obj.sink_parquet(
                     handle, compression=COMPRESSION, statistics=True, row_group_size=row_group_size
                 )
@@ -295,6 +331,8 @@ class PartitionAssigner:
 
     def assign(self, batch: pa.RecordBatch) -> pl.Series:
         """Index into ``keys`` of every row; raises ``PartitionMismatch`` for rows in no partition."""
+        import polars as pl
+
         if self.column not in batch.schema.names:
             raise PartitionMismatch(
                 f"the output has no partition column {self.column!r} (columns: {', '.join(batch.schema.names)})"
@@ -436,6 +474,8 @@ class DuckDBResource(dg.ConfigurableResource):
     temp_directory: str | None = None
 
     def connect(self) -> duckdb.DuckDBPyConnection:
+        import duckdb
+
         config: dict[str, Any] = {"memory_limit": self.memory_limit}
         if self.threads:
             config["threads"] = self.threads
@@ -486,10 +526,12 @@ def record_batches(
     obj: Any, batch_rows: int = DEFAULT_ROW_GROUP_SIZE
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Any supported output as (schema, stream of record batches), without collecting it whole."""
-    if isinstance(obj, duckdb.DuckDBPyRelation):
+    if loaded_instance(obj, "duckdb", "DuckDBPyRelation"):
         reader = obj.to_arrow_reader(batch_rows)
         return reader.schema, iter(reader)
-    if isinstance(obj, pl.LazyFrame):
+    if loaded_instance(obj, "polars", "LazyFrame"):
+        import polars as pl
+
         # The schema as DataFrame.to_arrow() gives it (large_string, not Schema.to_arrow()'s
         # string_view), so batches need no cast.
         schema = pl.DataFrame(schema=obj.collect_schema()).to_arrow().schema
@@ -500,7 +542,7 @@ def record_batches(
                 yield from frame.to_arrow().to_batches()
 
         return schema, lazy_batches()
-    if isinstance(obj, pl.DataFrame):
+    if loaded_instance(obj, "polars", "DataFrame"):
         obj = obj.to_arrow()
     if isinstance(obj, pa.Table):
         return obj.schema, iter(obj.to_batches(max_chunksize=batch_rows))

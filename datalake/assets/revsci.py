@@ -14,11 +14,10 @@ partner's whole history in one file is what its consumers read; days would multi
 from collections.abc import Sequence
 
 import dagster as dg
-import duckdb
 import sqlalchemy as sa
 
 from datalake.assets.silver import FOLLOW_UPSTREAM, current_key, path_in
-from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths
+from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths, Relation
 from datalake.settings import VANGUARD_WHOLESALE, Settings
 from datalake.source import V3SourceResource
 from datalake.specs import TableSpec
@@ -51,7 +50,7 @@ def build_revsci_assets(specs: Sequence[TableSpec], settings: Settings) -> list[
         duckdb_resource: DuckDBResource,
         billing_cdr: ParquetPaths,
         partner: ParquetPaths,
-    ) -> duckdb.DuckDBPyRelation:
+    ) -> Relation:
         """Billing usage per partner, usage day and call type (CDR count, seconds, bytes, cost)."""
         partner_ids = [int(key) for key in context.partition_keys]
         con = duckdb_resource.connect()

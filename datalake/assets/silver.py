@@ -14,10 +14,9 @@ manager streams into the lake.
 from collections.abc import Callable, Sequence
 
 import dagster as dg
-import duckdb
 
 from datalake.extract import DELETED_COLUMN, EXTRACTED_AT_COLUMN, LINEAGE_COLUMNS, ROW_SEQ_COLUMN
-from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths
+from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths, Relation
 from datalake.settings import SILVER, Settings
 from datalake.specs import Mode, TableSpec
 
@@ -29,7 +28,7 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def current_state(relation: duckdb.DuckDBPyRelation, spec: TableSpec) -> duckdb.DuckDBPyRelation:
+def current_state(relation: Relation, spec: TableSpec) -> Relation:
     """Latest version per primary key (highest cursor, then latest extraction, then row order),
     minus keys whose latest version is a delete tombstone; lineage columns dropped."""
     order: list[str] = []
@@ -79,7 +78,7 @@ def build_current_state_asset(spec: TableSpec) -> dg.AssetsDefinition:
         automation_condition=FOLLOW_UPSTREAM,
         metadata={"datalake/primary_key": ", ".join(spec.primary_key)},
     )
-    def _current(duckdb_resource: DuckDBResource, bronze: ParquetPaths) -> duckdb.DuckDBPyRelation:
+    def _current(duckdb_resource: DuckDBResource, bronze: ParquetPaths) -> Relation:
         con = duckdb_resource.connect()
         return current_state(bronze.relation(con), spec)
 
@@ -111,7 +110,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
             invoice: ParquetPaths,
             invoice_status: ParquetPaths,
             invoice_data: ParquetPaths,
-        ) -> duckdb.DuckDBPyRelation:
+        ) -> Relation:
             """Current state of every invoice with its status and data (invoice ⋈ invoice_status ⋈ invoice_data)."""
             con = duckdb_resource.connect()
             invoice.view(con, "inv")
@@ -142,7 +141,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
             dealer_partner_mapping: ParquetPaths,
             dealer: ParquetPaths,
             partner: ParquetPaths,
-        ) -> duckdb.DuckDBPyRelation:
+        ) -> Relation:
             """Which partner each dealer belongs to, over time, with both names; `is_current` marks today's mapping."""
             con = duckdb_resource.connect()
             dealer_partner_mapping.view(con, "m")
@@ -174,7 +173,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
             dealer: ParquetPaths,
             dealer_partner_mapping: ParquetPaths,
             partner: ParquetPaths,
-        ) -> duckdb.DuckDBPyRelation:
+        ) -> Relation:
             """One row per current customer with dealer, current partner and primary billing address."""
             con = duckdb_resource.connect()
             customer.view(con, "c")
@@ -226,7 +225,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
         )
         def billing_cdr(
             context: dg.AssetExecutionContext, duckdb_resource: DuckDBResource, bronze: ParquetPaths
-        ) -> duckdb.DuckDBPyRelation:
+        ) -> Relation:
             """Cleaned CDRs, one per cdr_id, partitioned by usage day (started_at in the lake's time zone)."""
             window = context.partition_time_window
             con = duckdb_resource.connect()

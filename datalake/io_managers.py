@@ -217,7 +217,14 @@ def _write_bronze(
 ) -> WriteResult:
     """One row group per ``batch_size`` rows, whatever size the reader's batches are."""
     batches = _with_tombstones(storage, context, obj)
-    return write_parquet(storage, relative, obj.schema, batches, row_group_size=obj.batch_size or None)
+    return write_parquet(
+        storage,
+        relative,
+        obj.schema,
+        batches,
+        row_group_size=obj.batch_size or None,
+        use_dictionary=obj.dictionary_columns(),
+    )
 
 
 def _with_tombstones(

@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
@@ -211,6 +212,29 @@ def test_zero_dates_appearing_later_switch_the_table_to_guarded_reads(harness: B
     assert meta(after, "datalake/date_guards") is guarded and meta(after, "datalake/passes") == 1
     ids = h.bronze("legacy").column("id").to_pylist()
     assert sorted(ids) == [1, 2, 3, 3]
+
+
+def test_row_groups_follow_batch_size_and_dictionaries_skip_unique_columns(harness: BronzeHarness) -> None:
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.calls (id INT PRIMARY KEY, kind VARCHAR(8) NOT NULL, partner INT NOT NULL,
+            updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB"""
+    )
+    h.sql(
+        f"INSERT INTO {SCHEMA}.calls SELECT seq, ELT(1 + seq % 3, 'voice', 'sms', 'data'), seq % 7, "
+        f"'2024-05-01' + INTERVAL seq SECOND FROM {SCHEMA}.seq_1_to_50000"
+    )
+    h.register(table="calls", primary_key=["id"], cursor={"column": "updated_at"}, batch_size=20000)
+    materialization = h.run("calls")
+    footer = pq.ParquetFile(str(materialization.metadata["dagster/uri"].value)).metadata  # type: ignore[union-attr]
+    assert [footer.row_group(i).num_rows for i in range(footer.num_row_groups)] == [20000, 20000, 10000]
+    columns = {footer.schema.column(i).name: i for i in range(footer.num_columns)}
+
+    def dictionary(name: str) -> bool:
+        return any("DICTIONARY" in e for e in footer.row_group(0).column(columns[name]).encodings)
+
+    assert dictionary("kind") and dictionary("partner") and dictionary("_datalake_run_id")
+    assert not dictionary("id") and not dictionary("updated_at") and not dictionary("_datalake_row_seq")
 
 
 # --- windows and watermarks -------------------------------------------------------------

@@ -54,25 +54,29 @@ TARGETS = {
 
 
 def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
-    """CDR-like bronze files: one per day, rows spread evenly; partner ids hashed (no pruning)."""
+    """CDR-like bronze files: one per day, rows spread evenly; partner ids hashed (no pruning).
+
+    DuckDB makes the rows; the project's own bronze writer writes them (zstd, row groups of 100k,
+    dictionaries on all but the unique columns), so both engines read what bronze really holds.
+    """
     import datetime as dt
 
     import duckdb
 
-    from datalake.lake import bronze_file
+    from datalake.lake import bronze_file, write_parquet
+    from datalake.storage import LakeStorage
 
     per_day = math.ceil(rows / days)
-    marker = root / f".generated-v2-{per_day}x{days}"
+    marker = root / f".generated-v3-{per_day}x{days}"
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
         con = duckdb.connect()
+        storage = LakeStorage(str(root / "bronze"))
+        unique = {"cdr_id", "started_at", "_datalake_row_seq"}  # key, date column, row sequence
         for d in range(days):
             day = (dt.date.fromisoformat(START) + dt.timedelta(days=d)).isoformat()
-            target = root / "bronze" / bronze_file("billing_cdr", day, "bench0000000000000000000000000000")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            con.sql(
+            relation = con.sql(
                 f"""
-                COPY (
                   SELECT ({d} * {per_day} + i)::BIGINT AS cdr_id,
                          (g % 50000)::BIGINT AS customer_id,
                          (1 + h % 200)::INTEGER AS partner_id,
@@ -88,8 +92,16 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
                          i::BIGINT AS _datalake_row_seq
                   -- two independent hashes; fields take different digits, so they are uncorrelated
                   FROM (SELECT i, hash(i, {d}) AS h, hash(i * 7919 + {d} * 1000003) AS g FROM range({per_day}) t(i))
-                ) TO '{target}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 100000)
                 """
+            )
+            reader = relation.to_arrow_reader(100_000)
+            write_parquet(
+                storage,
+                bronze_file("billing_cdr", day, "bench0000000000000000000000000000"),
+                reader.schema,
+                reader,
+                row_group_size=100_000,
+                use_dictionary=[n for n in reader.schema.names if n not in unique],
             )
         marker.touch()
     files = sorted((root / "bronze").rglob("*.parquet"))

@@ -7,9 +7,9 @@ size, so peak memory follows the batch size, not the table size.
 
 Two readers share the planning (window bounds, types, lineage):
 - ``arrow`` (MySQL/MariaDB): connectorx's Arrow-native reader. It cannot carry every MySQL
-  type exactly (DECIMAL becomes decimal128(38,10), zero dates panic, BIGINT UNSIGNED…), so
-  the SELECT has the *server* hand those columns over in a form it carries losslessly —
-  decimal text, epoch microseconds, day numbers — and ``datalake.arrow_reader`` restores the
+  value exactly (wide DECIMALs, TIME beyond a day, zero dates), so the SELECT has the *server*
+  hand just those over in a form it carries losslessly — decimal text, signed microseconds,
+  zero dates as NULL on a guarded re-read — and ``datalake.arrow_reader`` restores the
   declared Arrow type exactly. See that module for the per-type mapping.
 - ``rows`` (SQLAlchemy + PyMySQL server-side cursor, or the SQLite demo): the fallback, and
   the path for TLS connections.

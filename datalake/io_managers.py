@@ -171,7 +171,7 @@ def resolve_schema(storage: LakeStorage, context: dg.InputContext, candidates: S
 class BronzeIOManager(_LakeRoot):
     """Writes an ``Extraction`` to ``<table>/ingestion_date=D/<table>_<run_id>.parquet``.
 
-    Streamed: one row group per extracted batch, so memory follows the batch size. A retry of
+    Streamed: row groups of the spec's batch size, so memory follows the batch size. A retry of
     the same run rewrites only its own file; other runs' files are never touched.
     Loads (for assets that want frames) follow the annotation: ``pl.LazyFrame`` scans,
     ``pl.DataFrame`` reads; ``dict[str, …]`` gives one frame per ingestion date.

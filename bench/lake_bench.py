@@ -63,7 +63,9 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
 
     import duckdb
 
+    from datalake.extract import dictionary_columns
     from datalake.lake import bronze_file, write_parquet
+    from datalake.specs import TableSpec
     from datalake.storage import LakeStorage
 
     per_day = math.ceil(rows / days)
@@ -72,7 +74,15 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
         con = duckdb.connect()
         storage = LakeStorage(str(root / "bronze"))
-        unique = {"cdr_id", "started_at", "_datalake_row_seq"}  # key, date column, row sequence
+        spec = TableSpec.model_validate(
+            {
+                "schema": "v3_billing",
+                "table": "billing_cdr",
+                "primary_key": ["cdr_id"],
+                "cursor": {"column": "cdr_id", "kind": "integer"},
+                "date_column": "started_at",
+            }
+        )
         for d in range(days):
             day = (dt.date.fromisoformat(START) + dt.timedelta(days=d)).isoformat()
             relation = con.sql(
@@ -101,7 +111,7 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
                 reader.schema,
                 reader,
                 row_group_size=100_000,
-                use_dictionary=[n for n in reader.schema.names if n not in unique],
+                use_dictionary=dictionary_columns(spec, reader.schema),
             )
         marker.touch()
     files = sorted((root / "bronze").rglob("*.parquet"))

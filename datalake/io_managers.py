@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections.abc
 import itertools
-import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from datalake.lake import (
     bronze_file,
     bronze_partition_of,
     bronze_prefix,
+    loaded_class,
     output_metadata,
     schema_from_table_schema,
     write_output,
@@ -83,8 +83,8 @@ class _Wanted:
 
 def _polars_class(hint: Any, name: str) -> bool:
     # An annotation naming a polars class means the asset's module imported polars.
-    loaded = sys.modules.get("polars")
-    return loaded is not None and hint is getattr(loaded, name)
+    cls = loaded_class("polars", name)
+    return cls is not None and hint is cls
 
 
 def _wanted(context: dg.InputContext) -> _Wanted:

@@ -34,11 +34,17 @@ else:
     Relation = Any
 
 
+def loaded_class(module: str, name: str) -> type | None:
+    """A library's class if the library was imported, without importing it (else None)."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else None
+
+
 def loaded_instance(obj: Any, module: str, *names: str) -> bool:
     """isinstance against a library's classes without importing it: if it was never imported,
     nothing can be an instance of its classes."""
-    loaded = sys.modules.get(module)
-    return loaded is not None and isinstance(obj, tuple(getattr(loaded, n) for n in names))
+    classes = tuple(c for c in (loaded_class(module, n) for n in names) if c is not None)
+    return bool(classes) and isinstance(obj, classes)
 
 
 INGESTION_DATE = "ingestion_date"

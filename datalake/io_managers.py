@@ -223,7 +223,7 @@ def _write_bronze(
         obj.schema,
         batches,
         row_group_size=obj.batch_size or None,
-        use_dictionary=obj.dictionary_columns(),
+        use_dictionary=obj.dictionary_columns,
     )
 
 

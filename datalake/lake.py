@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -143,12 +143,18 @@ class WriteResult:
     schema: pa.Schema | None = None
 
 
+# Which columns to dictionary-encode: all (True), none (False), a list, or a rule that picks them
+# from the file's first row group (bronze, see datalake/extract.py: dictionary_columns).
+Dictionary = bool | list[str] | Callable[[pa.Table], list[str]]
+
+
 class _ParquetSink:
     """One Parquet file being written from record batches.
 
     ``row_group_size=None``: each incoming batch is one row group (bronze: one source batch = one
     row group). Otherwise batches are buffered and written in row groups of that many rows, so a
-    stream of small batches does not produce small row groups.
+    stream of small batches does not produce small row groups. The Parquet writer opens with the
+    first row group, so a dictionary rule can look at its rows.
     """
 
     def __init__(
@@ -157,22 +163,37 @@ class _ParquetSink:
         schema: pa.Schema,
         row_group_size: int | None,
         dictionary_pagesize_limit: int | None = None,
-        use_dictionary: bool | list[str] = True,
+        use_dictionary: Dictionary = True,
     ):
+        self.handle = handle
         self.schema = schema
         self.row_group_size = row_group_size
-        self.writer = pq.ParquetWriter(
-            handle,
-            schema,
-            compression=COMPRESSION,
-            write_statistics=True,
-            use_dictionary=use_dictionary,  # type: ignore[arg-type]  # a list is documented; the stubs say bool
-            dictionary_pagesize_limit=dictionary_pagesize_limit,
-        )
+        self.dictionary_pagesize_limit = dictionary_pagesize_limit
+        self.use_dictionary = use_dictionary
+        self._writer: pq.ParquetWriter | None = None
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
         self.rows = 0
         self.row_groups = 0
+
+    def writer(self, first: pa.Table) -> pq.ParquetWriter:
+        if self._writer is None:
+            chosen = self.use_dictionary
+            self._writer = pq.ParquetWriter(
+                self.handle,
+                self.schema,
+                compression=COMPRESSION,
+                write_statistics=True,
+                use_dictionary=chosen(first) if callable(chosen) else chosen,  # type: ignore[arg-type]  # a list is documented; the stubs say bool
+                dictionary_pagesize_limit=self.dictionary_pagesize_limit,
+            )
+        return self._writer
+
+    def abort(self) -> None:
+        """Closes the writer after a failure (the file itself is discarded by its atomic writer)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -180,7 +201,8 @@ class _ParquetSink:
         if batch.schema != self.schema:
             batch = _conform(batch, self.schema)
         if self.row_group_size is None:
-            self.writer.write_batch(batch, row_group_size=batch.num_rows)
+            table = pa.Table.from_batches([batch])
+            self.writer(table).write_table(table, row_group_size=batch.num_rows)
             self.rows += batch.num_rows
             self.row_groups += 1
             return
@@ -198,7 +220,7 @@ class _ParquetSink:
         cut = table.num_rows if final else (table.num_rows // size) * size
         head, rest = table.slice(0, cut), table.slice(cut)
         if head.num_rows:
-            self.writer.write_table(head, row_group_size=size)
+            self.writer(head).write_table(head, row_group_size=size)
             self.rows += head.num_rows
             self.row_groups += -(-head.num_rows // size)
         # A copy of just the remainder: slices would keep the whole incoming batches alive.
@@ -211,7 +233,7 @@ class _ParquetSink:
 
     def close(self) -> None:
         self._flush(final=True)
-        self.writer.close()
+        self.writer(self.schema.empty_table()).close()
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -227,11 +249,12 @@ def write_parquet(
     batches: Iterable[pa.RecordBatch],
     *,
     row_group_size: int | None = None,
-    use_dictionary: bool | list[str] = True,
+    use_dictionary: Dictionary = True,
 ) -> WriteResult:
     """Streams batches into one Parquet file that becomes visible atomically.
 
-    ``use_dictionary``: all columns (the default), or the columns to dictionary-encode.
+    ``use_dictionary``: all columns (the default), the columns to dictionary-encode, or a rule
+    that picks them from the first row group.
     """
     with storage.atomic_writer(relative) as handle:
         sink = _ParquetSink(handle, schema, row_group_size, use_dictionary=use_dictionary)
@@ -239,8 +262,7 @@ def write_parquet(
             for batch in batches:
                 sink.write(batch)
         except BaseException:
-            with contextlib.suppress(Exception):
-                sink.writer.close()
+            sink.abort()
             raise
         sink.close()
     return WriteResult(
@@ -397,8 +419,7 @@ def write_partitions(
                 if exc_type is None:
                     sink.close()
                 else:
-                    with contextlib.suppress(Exception):
-                        sink.writer.close()
+                    sink.abort()
                 return False
 
             stack.push(finish)

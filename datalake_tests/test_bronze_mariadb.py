@@ -214,15 +214,18 @@ def test_zero_dates_appearing_later_switch_the_table_to_guarded_reads(harness: B
     assert sorted(ids) == [1, 2, 3, 3]
 
 
-def test_row_groups_follow_batch_size_and_dictionaries_skip_unique_columns(harness: BronzeHarness) -> None:
+def test_row_groups_follow_batch_size_and_dictionaries_only_where_values_repeat(
+    harness: BronzeHarness,
+) -> None:
     h = harness
     h.sql(
         f"""CREATE TABLE {SCHEMA}.calls (id INT PRIMARY KEY, kind VARCHAR(8) NOT NULL, partner INT NOT NULL,
-            updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB"""
+            reference VARCHAR(16) NOT NULL, updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB"""
     )
+    # reference: unique per row but not a key by the spec; partner: 7 values; kind: 3
     h.sql(
         f"INSERT INTO {SCHEMA}.calls SELECT seq, ELT(1 + seq % 3, 'voice', 'sms', 'data'), seq % 7, "
-        f"'2024-05-01' + INTERVAL seq SECOND FROM {SCHEMA}.seq_1_to_50000"
+        f"CONCAT('ref-', seq), '2024-05-01' + INTERVAL seq SECOND FROM {SCHEMA}.seq_1_to_50000"
     )
     h.register(table="calls", primary_key=["id"], cursor={"column": "updated_at"}, batch_size=20000)
     materialization = h.run("calls")
@@ -235,6 +238,7 @@ def test_row_groups_follow_batch_size_and_dictionaries_skip_unique_columns(harne
 
     assert dictionary("kind") and dictionary("partner") and dictionary("_datalake_run_id")
     assert not dictionary("id") and not dictionary("updated_at") and not dictionary("_datalake_row_seq")
+    assert not dictionary("reference")  # decided on the data: its values do not repeat
 
 
 # --- windows and watermarks -------------------------------------------------------------

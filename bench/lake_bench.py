@@ -164,14 +164,12 @@ def _daily(days: int) -> Any:
 def _resources(data: Path, out: Path) -> dict[str, Any]:
     from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
     from datalake.lake import DuckDBResource
-    from datalake.storage import AzureBlobResource
 
-    azure = AzureBlobResource()
     roots = {"bronze_io_manager": str(data / "bronze"), "revsci_io_manager": str(out)}
-    return {
-        "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=azure),
-        "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"], azure=azure),
-        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots, azure=azure),
+    return {  # local roots: no Azure access
+        "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"]),
+        "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"]),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots),
         "duckdb_resource": DuckDBResource(memory_limit="4GB"),
     }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 
 import dagster as dg
-from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
 
 from datalake.assets.bronze import build_bronze_assets
 from datalake.assets.revsci import build_partner_sync_sensor, build_revsci_assets
@@ -19,8 +18,6 @@ from datalake.checks import build_checks
 from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
 from datalake.lake import DuckDBResource
 from datalake.settings import (
-    AZURE_ACCOUNT_KEY_VAR,
-    AZURE_SAS_TOKEN_VAR,
     BRONZE,
     MYSQL_PASSWORD_VAR,
     SILVER,
@@ -30,25 +27,13 @@ from datalake.settings import (
 )
 from datalake.source import V3SourceResource
 from datalake.specs import Mode, load_registry
-from datalake.storage import AzureBlobResource
+from datalake.storage import parse_root
 from datalake.watermark import WatermarkResource
 
 BRONZE_JOB = "bronze_job"
 SILVER_JOB = "silver_job"
 SILVER_CDR_JOB = "silver_billing_cdr_job"
 REVSCI_JOB = "revsci_job"
-
-
-def azure_resource(settings: Settings) -> AzureBlobResource:
-    azure = settings.azure
-    credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = ADLS2DefaultAzureCredential(
-        kwargs={}
-    )
-    if azure.has_account_key:
-        credential = ADLS2Key(key=dg.EnvVar(AZURE_ACCOUNT_KEY_VAR))  # type: ignore[arg-type]
-    elif azure.has_sas_token:
-        credential = ADLS2SASToken(token=dg.EnvVar(AZURE_SAS_TOKEN_VAR))  # type: ignore[arg-type]
-    return AzureBlobResource(credential=credential, blob_endpoint=azure.blob_endpoint)
 
 
 def source_resource(settings: Settings) -> V3SourceResource:
@@ -80,17 +65,22 @@ def build_resources(settings: Settings) -> dict[str, object]:
     Moving a group between local disk, NFS and ADLS is its ``DATALAKE_ROOT_<GROUP>`` alone: the
     roots below (and the path input manager's view of them) all come from ``settings.root``.
     """
-    azure = azure_resource(settings)
     roots = {
         "bronze_io_manager": settings.root(BRONZE),
         "silver_io_manager": settings.root(SILVER),
         "revsci_io_manager": settings.root(VANGUARD_WHOLESALE),
     }
+    azure = None
+    extra: dict[str, object] = {}
+    if any(parse_root(root).is_azure for root in roots.values()):
+        from datalake.azure import azure_resource  # the Azure SDK only where a root needs it
+
+        azure = extra["azure"] = azure_resource(settings)
     return {
         "v3_source": source_resource(settings),
         "watermarks": WatermarkResource(),
         "duckdb_resource": DuckDBResource(),
-        "azure": azure,
+        **extra,
         "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=azure),
         "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"], azure=azure),
         "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"], azure=azure),

@@ -47,7 +47,7 @@ from datalake.lake import (
     write_parquet,
     write_partitions,
 )
-from datalake.storage import AzureBlobResource, LakeStorage
+from datalake.storage import AzureAccess, LakeStorage
 from datalake.watermark import WATERMARK_KEY, encode_watermark
 
 if TYPE_CHECKING:  # imported where frames are made: bronze runs never load polars
@@ -65,7 +65,7 @@ def _asset_name(key: dg.AssetKey) -> str:
 
 class _LakeRoot(dg.ConfigurableIOManager):
     root: str
-    azure: AzureBlobResource
+    azure: AzureAccess | None = None
 
     def storage(self) -> LakeStorage:
         return LakeStorage(self.root, self.azure)
@@ -434,7 +434,7 @@ class DuckDBPathInputManager(dg.ConfigurableIOManager):
             "revsci": "revsci_io_manager",
         }
     )
-    azure: AzureBlobResource
+    azure: AzureAccess | None = None
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         raise NotImplementedError(

@@ -33,15 +33,13 @@ import dagster as dg
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import Field
 
 INPROGRESS_MARKER = ".inprogress-"
-_AZURE_SCHEMES = ("abfs", "abfss", "az")
 # Staged-block size for Azure writes. adlfs' default (50 MiB) is held in memory per open file; a
 # range backfill keeps one file open per partition, so smaller blocks bound its memory.
 AZURE_BLOCK_SIZE = 8 * 2**20
+_AZURE_SCHEMES = ("abfs", "abfss", "az")
 # Leftovers of a killed local write are removed by the next write of the same file once this old;
 # younger ones may still belong to a live writer (a zombie attempt of the same run).
 STALE_INPROGRESS_SECONDS = 3600
@@ -54,101 +52,19 @@ def is_visible_name(name: str) -> bool:
     )
 
 
-def _account_from_endpoint(endpoint: str) -> str | None:
-    """The account a blob endpoint serves: ``http://host:port/<account>`` (emulator) or ``https://<account>.blob…``."""
-    parsed = urlparse(endpoint)
-    first = parsed.path.strip("/").split("/")[0]
-    if first:
-        return first
-    return (parsed.hostname or "").split(".")[0] or None
+class AzureAccess(dg.ConfigurableResource):
+    """How Azure roots are reached: the type the IO managers' ``azure`` field takes.
 
-
-class AzureBlobResource(dg.ConfigurableResource):
-    """Credentials for Azure roots, as dagster-azure credential configs (values via ``EnvVar``).
-
-    ``blob_endpoint`` overrides ``https://<account>.blob.core.windows.net`` — for the Azurite
-    emulator (``http://127.0.0.1:10000/devstoreaccount1``) or a sovereign cloud.
+    The implementation, with dagster-azure's credential types, is ``datalake.azure.AzureBlobResource``.
+    It lives in its own module so that a process whose roots are all local or NFS never imports the
+    Azure SDK (about 40 MB of memory and half a second per process, code server and every run).
     """
 
-    # DefaultAzureCredential (managed identity, workload identity, az login) unless a key or SAS is given.
-    credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = Field(
-        default=ADLS2DefaultAzureCredential(kwargs={}), discriminator="credential_type"
-    )
-    blob_endpoint: str | None = None
-    account_name: str | None = None
-
-    def account(self, root_account: str | None) -> str:
-        account = (
-            root_account
-            or self.account_name
-            or (_account_from_endpoint(self.blob_endpoint) if self.blob_endpoint else None)
-        )
-        if not account:
-            raise ValueError(
-                "Azure root has no account: use abfs://container@account.dfs.core.windows.net/... "
-                "or configure the blob endpoint"
-            )
-        return account
-
-    def _sas(self) -> str | None:
-        credential = self.credential
-        if isinstance(credential, ADLS2SASToken) and credential.token:
-            return credential.token.lstrip("?")
-        return None
-
     def filesystem(self, root_account: str | None = None) -> fsspec.AbstractFileSystem:
-        """An adlfs filesystem on the blob endpoint (writes, listings, DuckDB reads)."""
-        import adlfs  # imported lazily: the azure SDK is slow to import and local runs don't need it
-
-        account = self.account(root_account)
-        credential = self.credential
-        kwargs: dict[str, Any] = {"account_name": account, "blocksize": AZURE_BLOCK_SIZE}
-        endpoint = self.blob_endpoint.rstrip("/") if self.blob_endpoint else None
-        if endpoint and not isinstance(credential, ADLS2DefaultAzureCredential):
-            # A custom endpoint with a key or SAS: the connection string is the only adlfs input
-            # that takes an endpoint URL (its account_host is https-only; Azurite speaks http).
-            parts = [f"DefaultEndpointsProtocol={urlparse(endpoint).scheme}", f"AccountName={account}"]
-            if isinstance(credential, ADLS2Key) and credential.key:
-                parts.append(f"AccountKey={credential.key}")
-            sas = self._sas()
-            if sas:
-                parts.append(f"SharedAccessSignature={sas}")
-            parts.append(f"BlobEndpoint={endpoint}")
-            kwargs["connection_string"] = ";".join(parts) + ";"
-        elif isinstance(credential, ADLS2Key):
-            kwargs["account_key"] = credential.key
-        elif isinstance(credential, ADLS2SASToken):
-            kwargs["sas_token"] = self._sas()
-        else:
-            from azure.identity.aio import DefaultAzureCredential
-
-            kwargs["credential"] = DefaultAzureCredential(**credential.kwargs)
-            if endpoint:
-                # Token credentials need TLS, so only an https endpoint (sovereign cloud) makes sense.
-                parsed = urlparse(endpoint)
-                if parsed.scheme != "https":
-                    raise ValueError("DefaultAzureCredential needs an https blob endpoint")
-                kwargs["account_host"] = parsed.netloc + parsed.path
-        # skip_instance_cache: credentials differ per resource; never share a cached client.
-        return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)
+        raise NotImplementedError
 
     def polars_storage_options(self, root_account: str | None = None) -> dict[str, str]:
-        """``storage_options`` for polars' native (object_store) Azure reader: lazy scans on Azure.
-
-        DefaultAzureCredential: no secret here; polars' ``credential_provider='auto'`` picks it up.
-        """
-        options = {"account_name": self.account(root_account)}
-        credential = self.credential
-        if isinstance(credential, ADLS2Key) and credential.key:
-            options["account_key"] = credential.key
-        sas = self._sas()
-        if sas:
-            options["sas_token"] = sas
-        if self.blob_endpoint:
-            options["endpoint"] = self.blob_endpoint.rstrip("/")
-            if urlparse(self.blob_endpoint).scheme == "http":
-                options["allow_http"] = "true"
-        return options
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -183,13 +99,22 @@ def parse_root(url: str) -> StorageRoot:
 class LakeStorage:
     """Files under one root. Paths given to it are relative to the root, with '/' separators."""
 
-    def __init__(self, root: str, azure: AzureBlobResource | None = None):
+    def __init__(self, root: str, azure: AzureAccess | None = None):
         self.root = parse_root(root)
-        self.azure = azure or AzureBlobResource()
+        self._azure = azure
         if self.root.is_azure:
             self.fs: fsspec.AbstractFileSystem = self.azure.filesystem(self.root.account)
         else:
             self.fs = LocalFileSystem()
+
+    @property
+    def azure(self) -> AzureAccess:
+        """The Azure access given, else DefaultAzureCredential (managed identity, az login …)."""
+        if self._azure is None:
+            from datalake.azure import AzureBlobResource
+
+            self._azure = AzureBlobResource()
+        return self._azure
 
     # --- naming ---------------------------------------------------------------
     def path(self, relative: str) -> str:

@@ -34,7 +34,7 @@ def main(mode: str, table: str, partition: str) -> None:
     resources = build_resources(settings)
     if mode != "kill-after-write":
         raise SystemExit(f"unknown mode {mode}")
-    resources["bronze_io_manager"] = KillAfterWrite(root=settings.root(BRONZE), azure=resources["azure"])  # type: ignore[arg-type]
+    resources["bronze_io_manager"] = KillAfterWrite(root=settings.root(BRONZE), azure=resources.get("azure"))  # type: ignore[arg-type]
     # The bare asset (resources are passed below), as the code location builds it.
     spec = next(s for s in load_registry(settings.registry_path) if s.asset_name == table)
     asset = build_bronze_asset(spec, settings)

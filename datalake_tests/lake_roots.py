@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from dagster_azure.adls2 import ADLS2Key, ADLS2SASToken
 
-from datalake.storage import AzureBlobResource, LakeStorage
+from datalake.azure import AzureBlobResource
+from datalake.storage import LakeStorage
 from datalake_tests.services import AzuriteServer
 
 CONTAINER = "lake"
@@ -25,7 +26,7 @@ CONTAINER = "lake"
 class LakeRoot:
     kind: str  # "local" | "azure"
     url: str
-    azure: AzureBlobResource
+    azure: AzureBlobResource | None
     server: AzuriteServer | None = None
 
     def storage(self) -> LakeStorage:
@@ -59,7 +60,7 @@ def azure_url(server: AzuriteServer, prefix: str, container: str = CONTAINER) ->
 
 def make_root(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> LakeRoot:
     if kind == "local":
-        return LakeRoot(kind="local", url=str(tmp_path / "lake"), azure=AzureBlobResource())
+        return LakeRoot(kind="local", url=str(tmp_path / "lake"), azure=None)
     server: AzuriteServer = request.getfixturevalue("azurite_server")
     ensure_container(server)
     # A fresh prefix per test: tests share the session's Azurite and container.

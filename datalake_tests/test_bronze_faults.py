@@ -154,7 +154,7 @@ def test_connection_lost_mid_stream_fails_clearly_and_leaves_nothing(
     resources = build_resources(settings)
     resources["bronze_io_manager"] = _KillSourceMidStream(
         root=settings.root(BRONZE),
-        azure=resources["azure"],  # type: ignore[arg-type]
+        azure=resources.get("azure"),  # type: ignore[arg-type]
         admin_url=mariadb_server.url(),
         source_user=mariadb_server.ro_user,
     )

@@ -234,12 +234,12 @@ _CONCURRENT_CHILD = textwrap.dedent(
     """
     import json, os, sys, time
     from dagster_azure.adls2 import ADLS2Key
-    from datalake.storage import AzureBlobResource
+    from datalake.azure import AzureBlobResource
     from datalake_tests.lake_roots import LakeRoot
     from datalake_tests.test_io_managers import BronzeRun, _bronze
 
     cfg = json.loads(sys.argv[1])
-    azure = AzureBlobResource()
+    azure = None
     if cfg["key"]:
         azure = AzureBlobResource(credential=ADLS2Key(key=cfg["key"]), blob_endpoint=cfg["endpoint"])
     root = LakeRoot(kind=cfg["kind"], url=cfg["url"], azure=azure)

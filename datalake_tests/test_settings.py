@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,45 @@ def test_azure_root_without_credentials_is_rejected() -> None:
     with pytest.raises(SettingsError) as info:
         resolve_settings({"DATALAKE_ROOT_SILVER": "abfs://lake@acct.dfs.core.windows.net/silver"})
     assert "DATALAKE_AZURE_ACCOUNT_KEY" in info.value.problems
+
+
+_AZURE_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    from datalake.definitions import build_definitions
+    from datalake.settings import resolve_settings
+
+    resources = build_definitions(resolve_settings()).resources or {}
+    managers = ["bronze_io_manager", "silver_io_manager", "revsci_io_manager", "duckdb_path_input_manager"]
+    print(json.dumps({
+        "azure_resource": type(resources["azure"]).__name__ if "azure" in resources else None,
+        "managers": {k: type(resources[k].azure).__name__ for k in managers},
+        "sdk_loaded": sorted(m for m in sys.modules if m.startswith(("azure.", "dagster_azure", "adlfs"))),
+        "key_in_repr": "k3y-never-shown" in repr(resources),
+    }))
+    """
+)
+
+
+def test_azure_access_is_wired_only_where_a_root_is_on_azure() -> None:
+    """Local/NFS roots: no Azure resource and no Azure SDK in the process (~40 MB, ~0.5 s saved in
+    the code server and every run); one group on Azure: every lake IO manager gets the credentials."""
+    local = run_cli(["-c", _AZURE_PROBE], clean_environ())
+    assert local.returncode == 0, local.stderr
+    found = json.loads(local.stdout.strip().splitlines()[-1])
+    assert found["azure_resource"] is None and found["sdk_loaded"] == []
+    assert set(found["managers"].values()) == {"NoneType"}
+
+    env = {
+        "DATALAKE_ROOT_SILVER": "abfs://lake@acct.dfs.core.windows.net/silver",
+        "DATALAKE_AZURE_ACCOUNT_KEY": "k3y-never-shown",
+    }
+    on_azure = run_cli(["-c", _AZURE_PROBE], clean_environ(env))
+    assert on_azure.returncode == 0, on_azure.stderr
+    found = json.loads(on_azure.stdout.strip().splitlines()[-1])
+    assert found["azure_resource"] == "AzureBlobResource"
+    assert set(found["managers"].values()) == {"AzureBlobResource"}
+    assert "azure.storage.blob" in found["sdk_loaded"] and not found["key_in_repr"]
 
 
 def test_dagster_loads_the_module_in_local_and_refuses_prod_with_a_missing_variable(tmp_path: Path) -> None:

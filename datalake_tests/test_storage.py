@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datalake.storage import INPROGRESS_MARKER, AzureBlobResource, LakeStorage, is_visible_name, parse_root
+from datalake.azure import AzureBlobResource
+from datalake.storage import INPROGRESS_MARKER, LakeStorage, is_visible_name, parse_root
 from datalake_tests.helpers import REPO
 from datalake_tests.lake_roots import (
     CONTAINER,
@@ -143,7 +144,8 @@ _KILL_CHILD = textwrap.dedent(
     import json, os, sys, time
     import pyarrow as pa, pyarrow.parquet as pq
     from dagster_azure.adls2 import ADLS2Key
-    from datalake.storage import AzureBlobResource, LakeStorage
+    from datalake.azure import AzureBlobResource
+    from datalake.storage import LakeStorage
 
     cfg = json.loads(sys.argv[1])
     azure = AzureBlobResource(credential=ADLS2Key(key=cfg["key"]), blob_endpoint=cfg["endpoint"]) if cfg["key"] else None

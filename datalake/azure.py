@@ -1,0 +1,128 @@
+"""Azure access for lake roots: dagster-azure credential configs, the blob endpoint, adlfs and polars.
+
+Imported only where a root is on Azure (``datalake.definitions`` wires it then; ``LakeStorage``
+falls back to DefaultAzureCredential), so local and NFS deployments never load the Azure SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import dagster as dg
+import fsspec
+from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
+from pydantic import Field
+
+from datalake.settings import AZURE_ACCOUNT_KEY_VAR, AZURE_SAS_TOKEN_VAR, Settings
+from datalake.storage import AZURE_BLOCK_SIZE, AzureAccess
+
+
+def _account_from_endpoint(endpoint: str) -> str | None:
+    """The account a blob endpoint serves: ``http://host:port/<account>`` (emulator) or ``https://<account>.blob…``."""
+    parsed = urlparse(endpoint)
+    first = parsed.path.strip("/").split("/")[0]
+    if first:
+        return first
+    return (parsed.hostname or "").split(".")[0] or None
+
+
+class AzureBlobResource(AzureAccess):
+    """Credentials for Azure roots, as dagster-azure credential configs (values via ``EnvVar``).
+
+    ``blob_endpoint`` overrides ``https://<account>.blob.core.windows.net`` — for the Azurite
+    emulator (``http://127.0.0.1:10000/devstoreaccount1``) or a sovereign cloud.
+    """
+
+    # DefaultAzureCredential (managed identity, workload identity, az login) unless a key or SAS is given.
+    credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = Field(
+        default=ADLS2DefaultAzureCredential(kwargs={}), discriminator="credential_type"
+    )
+    blob_endpoint: str | None = None
+    account_name: str | None = None
+
+    def account(self, root_account: str | None) -> str:
+        account = (
+            root_account
+            or self.account_name
+            or (_account_from_endpoint(self.blob_endpoint) if self.blob_endpoint else None)
+        )
+        if not account:
+            raise ValueError(
+                "Azure root has no account: use abfs://container@account.dfs.core.windows.net/... "
+                "or configure the blob endpoint"
+            )
+        return account
+
+    def _sas(self) -> str | None:
+        credential = self.credential
+        if isinstance(credential, ADLS2SASToken) and credential.token:
+            return credential.token.lstrip("?")
+        return None
+
+    def filesystem(self, root_account: str | None = None) -> fsspec.AbstractFileSystem:
+        """An adlfs filesystem on the blob endpoint (writes, listings, DuckDB reads)."""
+        import adlfs  # imported lazily: the azure SDK is slow to import and local runs don't need it
+
+        account = self.account(root_account)
+        credential = self.credential
+        kwargs: dict[str, Any] = {"account_name": account, "blocksize": AZURE_BLOCK_SIZE}
+        endpoint = self.blob_endpoint.rstrip("/") if self.blob_endpoint else None
+        if endpoint and not isinstance(credential, ADLS2DefaultAzureCredential):
+            # A custom endpoint with a key or SAS: the connection string is the only adlfs input
+            # that takes an endpoint URL (its account_host is https-only; Azurite speaks http).
+            parts = [f"DefaultEndpointsProtocol={urlparse(endpoint).scheme}", f"AccountName={account}"]
+            if isinstance(credential, ADLS2Key) and credential.key:
+                parts.append(f"AccountKey={credential.key}")
+            sas = self._sas()
+            if sas:
+                parts.append(f"SharedAccessSignature={sas}")
+            parts.append(f"BlobEndpoint={endpoint}")
+            kwargs["connection_string"] = ";".join(parts) + ";"
+        elif isinstance(credential, ADLS2Key):
+            kwargs["account_key"] = credential.key
+        elif isinstance(credential, ADLS2SASToken):
+            kwargs["sas_token"] = self._sas()
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            kwargs["credential"] = DefaultAzureCredential(**credential.kwargs)
+            if endpoint:
+                # Token credentials need TLS, so only an https endpoint (sovereign cloud) makes sense.
+                parsed = urlparse(endpoint)
+                if parsed.scheme != "https":
+                    raise ValueError("DefaultAzureCredential needs an https blob endpoint")
+                kwargs["account_host"] = parsed.netloc + parsed.path
+        # skip_instance_cache: credentials differ per resource; never share a cached client.
+        return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)
+
+    def polars_storage_options(self, root_account: str | None = None) -> dict[str, str]:
+        """``storage_options`` for polars' native (object_store) Azure reader: lazy scans on Azure.
+
+        DefaultAzureCredential: no secret here; polars' ``credential_provider='auto'`` picks it up.
+        """
+        options = {"account_name": self.account(root_account)}
+        credential = self.credential
+        if isinstance(credential, ADLS2Key) and credential.key:
+            options["account_key"] = credential.key
+        sas = self._sas()
+        if sas:
+            options["sas_token"] = sas
+        if self.blob_endpoint:
+            options["endpoint"] = self.blob_endpoint.rstrip("/")
+            if urlparse(self.blob_endpoint).scheme == "http":
+                options["allow_http"] = "true"
+        return options
+
+
+def azure_resource(settings: Settings) -> AzureBlobResource:
+    """The environment's Azure credentials: an account key or SAS token via ``EnvVar``, else DefaultAzureCredential."""
+    azure = settings.azure
+    credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = ADLS2DefaultAzureCredential(
+        kwargs={}
+    )
+    if azure.has_account_key:
+        credential = ADLS2Key(key=dg.EnvVar(AZURE_ACCOUNT_KEY_VAR))  # type: ignore[arg-type]
+    elif azure.has_sas_token:
+        credential = ADLS2SASToken(token=dg.EnvVar(AZURE_SAS_TOKEN_VAR))  # type: ignore[arg-type]
+    return AzureBlobResource(credential=credential, blob_endpoint=azure.blob_endpoint)

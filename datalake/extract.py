@@ -629,6 +629,16 @@ def _sequence(n: int) -> pa.Array:
     return pa.array(range(n), pa.int64())
 
 
+@functools.lru_cache(maxsize=16)
+def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    """``n`` copies of a lineage constant, built once per batch length.
+
+    Every batch of a run shares the same immutable buffers, so the row group the writer buffers
+    holds one copy of the run id (36 bytes a row) instead of one per batch.
+    """
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
 @dataclass(frozen=True)
 class Lineage:
     run_id: str
@@ -637,10 +647,10 @@ class Lineage:
     def attach(self, schema: pa.Schema, columns: list[pa.Array], first_seq: int) -> pa.RecordBatch:
         n = len(columns[0]) if columns else 0
         extra = [
-            pa.repeat(pa.scalar(self.run_id, pa.string()), n),
-            pa.repeat(pa.scalar(self.extracted_at, UTC_TS), n),
+            _constant(self.run_id, pa.string(), n),
+            _constant(self.extracted_at, UTC_TS, n),
             _sequence(n) if first_seq == 0 else pc.add(_sequence(n), pa.scalar(first_seq, pa.int64())),
-            pa.repeat(pa.scalar(False), n),
+            _constant(False, pa.bool_(), n),
         ]
         return pa.RecordBatch.from_arrays([*columns, *extra], schema=schema)
 

@@ -18,6 +18,9 @@ Two readers share the planning (window bounds, types, lineage):
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute
+import pyarrow.ipc
 import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.dialects import mysql
@@ -219,12 +223,16 @@ class ExtractionStats:
     passes: int = 1
     # Keys found deleted in the source by a delete reconciliation (None: none was run).
     deletes: int | None = None
+    # Batches the writer was not ready for, parked on local disk (see Spill).
+    spilled_batches: int = 0
+    spilled_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
     def restart(self) -> None:
         """Counts from zero for a re-read of the same window (the clock keeps running)."""
         self.rows = self.batches = self.zero_dates = self.null_cursor_rows = 0
+        self.spilled_batches = self.spilled_bytes = 0
         self.passes += 1
 
     @property
@@ -332,6 +340,8 @@ class Extraction:
             "datalake/zero_dates_nulled": stats.zero_dates,
             "datalake/null_cursor_rows": stats.null_cursor_rows,
             "datalake/batches": stats.batches,
+            "datalake/spilled_batches": stats.spilled_batches,
+            "datalake/spilled_bytes": stats.spilled_bytes,
             "datalake/seconds": round(stats.seconds, 3),
             "datalake/rows_per_second": round(stats.rows / max(stats.seconds, 1e-9)),
             "datalake/source": self.source,
@@ -563,7 +573,9 @@ def extract(
                     )
         stats.finished = time.monotonic()
 
-    extraction.reopen = lambda guard_dates: prefetch(batches(guard_dates), depth=2)
+    # The Arrow reader cannot be paused: what the writer is not ready for is spilled to disk.
+    spill = Spill(stats) if arrow_url is not None else None
+    extraction.reopen = lambda guard_dates: prefetch(batches(guard_dates), READ_AHEAD_BATCHES, spill)
     extraction.date_guards = date_guards and arrow_url is not None
     extraction.batches = extraction.reopen(extraction.date_guards)
     if reconcile_deletes:
@@ -574,30 +586,85 @@ def extract(
 
 
 _DONE = object()
+# Batches the Arrow reader may hold in memory ahead of the writer; more wait on local disk.
+READ_AHEAD_BATCHES = 4
 
 
-def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
-    """Reads ``source`` in a background thread, at most ``depth`` batches ahead.
+@dataclass(frozen=True)
+class _Spilled:
+    path: str
+
+
+class Spill:
+    """Batches the writer is not ready for yet, on local disk: one Arrow IPC file each, in order.
+
+    connectorx cannot be paused: its reader thread sends every batch down an unbounded channel,
+    so a writer slower than the source (an upload to ADLS, a busy NFS server, a CPU the database
+    shares) would otherwise pile the whole window up in memory. The files live in a temporary
+    directory under ``TMPDIR`` (keep that on disk, not tmpfs) and are removed as they are read.
+    """
+
+    def __init__(self, stats: ExtractionStats):
+        self.stats = stats
+        self.directory: str | None = None
+
+    def put(self, batch: pa.RecordBatch) -> _Spilled:
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="datalake-spill-")
+        path = os.path.join(self.directory, f"{self.stats.spilled_batches:09d}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        self.stats.spilled_batches += 1
+        self.stats.spilled_bytes += batch.nbytes
+        return _Spilled(path)
+
+    @staticmethod
+    def take(item: _Spilled) -> pa.RecordBatch:
+        with pa.OSFile(item.path) as source:
+            batch = pa.ipc.open_stream(source).read_next_batch()  # copied into memory
+        os.remove(item.path)
+        return batch
+
+    def close(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+def prefetch(
+    source: Iterator[pa.RecordBatch], depth: int, spill: Spill | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Reads ``source`` in a background thread, at most ``depth`` batches ahead in memory.
 
     The reader (network, decoding, type restores) and the consumer (the Parquet writer) both
-    release the GIL for their heavy parts, so they overlap instead of alternating (a modest gain
-    on two shared cores, more where the source is remote); memory grows by ``depth`` batches. Errors surface in the consumer at the batch where
-    they happened; a consumer that stops early stops the reader too.
+    release the GIL for their heavy parts, so they overlap instead of alternating. Without a
+    ``spill`` the reader waits when it is ``depth`` batches ahead (a source it can pause: the
+    row reader's server-side cursor). With one, it never waits: batches beyond ``depth`` go to
+    the spill, so the source is drained at its own pace and memory stays bounded either way.
+    Errors surface in the consumer at the batch where they happened; a consumer that stops
+    early stops the reader too.
     """
-    queue: Queue[Any] = Queue(maxsize=depth)
+    queue: Queue[Any] = Queue(maxsize=0 if spill is not None else depth)
+    in_memory = threading.BoundedSemaphore(depth)
     stop = threading.Event()
+
+    def hand_over(item: pa.RecordBatch) -> None:
+        if spill is not None:
+            queue.put(item if in_memory.acquire(blocking=False) else spill.put(item))
+            return
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.2)
+                return
+            except Full:
+                continue
 
     def produce() -> None:
         try:
             for item in source:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.2)
-                        break
-                    except Full:
-                        continue
                 if stop.is_set():
                     break
+                hand_over(item)
         except BaseException as exc:  # handed to the consumer
             queue.put(exc)
             return
@@ -617,10 +684,16 @@ def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.Record
                 return
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, _Spilled):
+                item = Spill.take(item)
+            elif spill is not None:
+                in_memory.release()
             yield item
     finally:
         stop.set()
         thread.join(timeout=30)
+        if spill is not None:
+            spill.close()
 
 
 class Lineage:

@@ -233,7 +233,10 @@ class _ParquetSink:
 
     def close(self) -> None:
         self._flush(final=True)
-        self.writer(self.schema.empty_table()).close()
+        if self._writer is None:  # no rows at all: a file with the schema
+            self.writer(self.schema.empty_table())
+        assert self._writer is not None
+        self._writer.close()
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

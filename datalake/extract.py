@@ -722,7 +722,11 @@ class Lineage:
     def _build(self, rows: int) -> None:
         self.rows = rows
         text = self.run_id.encode()
-        offsets = array.array("i", range(0, len(text) * (rows + 1), len(text)))
+        offsets = (
+            array.array("i", range(0, len(text) * (rows + 1), len(text)))
+            if text
+            else array.array("i", [0]) * (rows + 1)
+        )
         self._run_id = pa.Array.from_buffers(
             pa.string(), rows, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(text * rows)]
         )

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from queue import Full, Queue
+from queue import Queue
 from typing import Any
 
 import pyarrow as pa
@@ -647,20 +647,18 @@ def prefetch(
     Errors surface in the consumer at the batch where they happened; a consumer that stops
     early stops the reader too.
     """
-    queue: Queue[Any] = Queue(maxsize=0 if spill is not None else depth)
-    in_memory = threading.BoundedSemaphore(depth)
+    queue: Queue[Any] = Queue()  # in order: batches, spilled batches, then the end or an error
+    in_memory = threading.BoundedSemaphore(depth)  # batches in the queue, not yet taken
     stop = threading.Event()
 
     def hand_over(item: pa.RecordBatch) -> None:
         if spill is not None:
             queue.put(item if in_memory.acquire(blocking=False) else spill.put(item))
             return
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.2)
+        while not in_memory.acquire(timeout=0.2):
+            if stop.is_set():
                 return
-            except Full:
-                continue
+        queue.put(item)
 
     def produce() -> None:
         try:
@@ -689,7 +687,7 @@ def prefetch(
                 raise item
             if isinstance(item, _Spilled):
                 item = Spill.take(item)
-            elif spill is not None:
+            else:
                 in_memory.release()
             yield item
     finally:

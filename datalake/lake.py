@@ -233,10 +233,8 @@ class _ParquetSink:
 
     def close(self) -> None:
         self._flush(final=True)
-        if self._writer is None:  # no rows at all: a file with the schema
-            self.writer(self.schema.empty_table())
-        assert self._writer is not None
-        self._writer.close()
+        # No rows at all: the file still gets the schema.
+        (self._writer or self.writer(self.schema.empty_table())).close()
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

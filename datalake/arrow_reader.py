@@ -45,7 +45,7 @@ import pyarrow.compute
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from datalake.extract import ExtractionError, NeedsDateGuards
+from datalake.extract import READ_AHEAD_BATCHES, ExtractionError, NeedsDateGuards, Paced, Spill
 
 # pyarrow.compute's kernels are generated at import time; type checkers cannot see them.
 pc: Any = pyarrow.compute
@@ -126,9 +126,20 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates:
 
 
 def stream_arrow(
-    url: str, dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, batch_size: int, *, guard_dates: bool
+    url: str,
+    dialect: sa.Dialect,
+    plan: Plan,
+    lo: Any,
+    hi: Any,
+    batch_size: int,
+    spill: Spill,
+    *,
+    guard_dates: bool,
 ) -> Iterator[tuple[list[pa.Array], int]]:
-    """Yields (the batch's columns in their declared types, zero dates nulled in it)."""
+    """Yields (the batch's columns in their declared types, zero dates nulled in it).
+
+    Paced in the caller's thread; what the caller is not ready for waits in ``spill``.
+    """
     import connectorx as cx
 
     sql = statement(dialect, plan, lo, hi, guard_dates=guard_dates)
@@ -136,7 +147,7 @@ def stream_arrow(
     password = _password(url)
     try:
         reader = cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size)
-        for batch in reader:
+        for batch in Paced(iter(reader), READ_AHEAD_BATCHES, spill):
             arrays = [_restore(batch.column(i), arrow) for i, arrow in enumerate(types)]
             zero_dates = 0
             if batch.num_columns > len(types):

@@ -25,11 +25,12 @@ import struct
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from queue import Queue
+from queue import Full, Queue
 from typing import Any
 
 import pyarrow as pa
@@ -61,11 +62,10 @@ pc: Any = pyarrow.compute
 DATE_GUARDS_KEY = "datalake/date_guards"
 
 
-# Rows per Arrow-reader fetch. connectorx decodes ahead of the consumer into a queue of up to
-# ~16 fetched batches, so its memory follows the fetch size: 16k rows keep that queue to tens of
-# MB on wide tables (100k-row fetches peaked ~45 MB higher on the benchmark's CDR table) while the
-# per-batch overhead stays negligible. The bronze writer groups fetches into row groups of the
-# spec's batch size.
+# Rows per Arrow-reader fetch. connectorx decodes a fetch at a time ahead of the consumer, so
+# what it holds follows the fetch size: 16k rows keep that to a few MB on wide tables (100k-row
+# fetches peaked ~40 MB higher on the benchmark's CDR table, for ~6% less decoding CPU). The bronze
+# writer groups fetches into row groups of the spec's batch size.
 ARROW_FETCH_ROWS = 16_384
 
 
@@ -555,6 +555,7 @@ def extract(
                     lo,
                     hi,
                     fetch_rows,
+                    Spill(stats),
                     guard_dates=guard_dates,
                 )
             else:
@@ -576,9 +577,10 @@ def extract(
                     )
         stats.finished = time.monotonic()
 
-    # The Arrow reader cannot be paused: what the writer is not ready for is spilled to disk.
-    spill = Spill(stats) if arrow_url is not None else None
-    extraction.reopen = lambda guard_dates: prefetch(batches(guard_dates), READ_AHEAD_BATCHES, spill)
+    # The Arrow reader is paced in the writer's thread (see Paced); the row reader reads ahead in its own.
+    extraction.reopen = (
+        batches if arrow_url is not None else lambda guard: prefetch(batches(guard), READ_AHEAD_BATCHES)
+    )
     extraction.date_guards = date_guards and arrow_url is not None
     extraction.batches = extraction.reopen(extraction.date_guards)
     if reconcile_deletes:
@@ -589,7 +591,8 @@ def extract(
 
 
 _DONE = object()
-# Batches the Arrow reader may hold in memory ahead of the writer; more wait on local disk.
+# Batches a reader may hold in memory ahead of the writer. The row reader then waits; the Arrow
+# reader's further batches wait on local disk (see Paced).
 READ_AHEAD_BATCHES = 4
 
 
@@ -601,10 +604,8 @@ class _Spilled:
 class Spill:
     """Batches the writer is not ready for yet, on local disk: one Arrow IPC file each, in order.
 
-    connectorx cannot be paused: its reader thread sends every batch down an unbounded channel,
-    so a writer slower than the source (an upload to ADLS, a busy NFS server, a CPU the database
-    shares) would otherwise pile the whole window up in memory. The files live in a temporary
-    directory under ``TMPDIR`` (keep that on disk, not tmpfs) and are removed as they are read.
+    The files live in a temporary directory under ``TMPDIR`` (keep that on disk, not tmpfs) and
+    are removed as they are read.
     """
 
     def __init__(self, stats: ExtractionStats):
@@ -634,47 +635,151 @@ class Spill:
             self.directory = None
 
 
-def prefetch(
-    source: Iterator[pa.RecordBatch], depth: int, spill: Spill | None = None
-) -> Iterator[pa.RecordBatch]:
-    """Reads ``source`` in a background thread, at most ``depth`` batches ahead in memory.
+# A pull from the Arrow reader that returns within this time found a batch already decoded.
+# (Decoding a fetch of ARROW_FETCH_ROWS rows takes milliseconds.)
+READY_SECONDS = 0.001
+# When no pull has had to wait for this long, the reader is ahead of the writer: what it has
+# decoded is drained from its channel then (and beyond READ_AHEAD_BATCHES, spilled).
+CAUGHT_UP_SECONDS = 0.1
 
-    The reader (network, decoding, type restores) and the consumer (the Parquet writer) both
-    release the GIL for their heavy parts, so they overlap instead of alternating. Without a
-    ``spill`` the reader waits when it is ``depth`` batches ahead (a source it can pause: the
-    row reader's server-side cursor). With one, it never waits: batches beyond ``depth`` go to
-    the spill, so the source is drained at its own pace and memory stays bounded either way.
-    Errors surface in the consumer at the batch where they happened; a consumer that stops
-    early stops the reader too.
+
+class Paced:
+    """A source that cannot be paused (connectorx), read in the writer's own thread, bounded.
+
+    connectorx decodes in its own thread into an unbounded channel, and its iterator holds the
+    GIL while it waits for the next batch. Read from a background thread, that wait locks the
+    writer out of the interpreter between its native calls: measured on the benchmark, the
+    extraction was ~25% slower and the writer fell behind. So the writer's thread pulls the
+    batches itself, as connectorx's own loop does, and decoding overlaps writing.
+
+    What keeps memory bounded when the writer is the slower side: a pull that has to wait shows
+    the channel empty (the reader is caught up). When none has for ``caught_up`` seconds (a slow
+    upload, a busy CPU), a watchdog thread pulls everything the channel holds, until a pull has
+    to wait; batches beyond ``depth`` wait on local disk (``Spill``) and are read back in order.
+    So memory holds ``depth`` batches plus what the source decodes in about ``caught_up``
+    seconds. Errors surface at the batch where they happened; a consumer that stops early
+    closes the source and removes the spill.
     """
-    queue: Queue[Any] = Queue()  # in order: batches, spilled batches, then the end or an error
-    in_memory = threading.BoundedSemaphore(depth)  # batches in the queue, not yet taken
+
+    def __init__(
+        self,
+        source: Iterator[pa.RecordBatch],
+        depth: int,
+        spill: Spill,
+        *,
+        ready: float = READY_SECONDS,
+        caught_up: float = CAUGHT_UP_SECONDS,
+    ):
+        self.source, self.depth, self.spill = source, depth, spill
+        self.ready, self.caught_up = ready, caught_up
+        self.lock = threading.Lock()  # one thread pulls at a time; guards what follows
+        self.pending: deque[pa.RecordBatch | _Spilled] = deque()
+        self.in_memory = 0
+        self.end: Any = None  # _DONE or the source's error, once met
+        self.caught_up_at = time.monotonic()  # the last pull that had to wait
+
+    def _pull(self) -> tuple[Any, bool]:
+        """The next batch (or the end, or the error) and whether the pull had to wait for it."""
+        started = time.perf_counter()
+        try:
+            item: Any = next(self.source)
+        except StopIteration:
+            item = _DONE
+        except BaseException as exc:  # handed to the writer in order
+            item = exc
+        waited = time.perf_counter() - started >= self.ready
+        if waited:
+            self.caught_up_at = time.monotonic()
+        return item, waited
+
+    def _drain(self) -> None:
+        """Pulls what the source holds decoded, until a pull has to wait."""
+        while self.end is None:
+            item, waited = self._pull()
+            if item is _DONE or isinstance(item, BaseException):
+                self.end = item
+            elif self.in_memory < self.depth:
+                self.pending.append(item)
+                self.in_memory += 1
+            else:
+                self.pending.append(self.spill.put(item))
+            if waited:
+                return
+
+    def _take(self) -> Any:
+        with self.lock:
+            if not self.pending:
+                return self.end if self.end is not None else self._pull()[0]
+            item = self.pending.popleft()
+            if isinstance(item, _Spilled):
+                return Spill.take(item)
+            self.in_memory -= 1
+            return item
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self.caught_up / 2):
+            if time.monotonic() - self.caught_up_at < self.caught_up:
+                continue
+            with self.lock:
+                if time.monotonic() - self.caught_up_at >= self.caught_up and not stop.is_set():
+                    self._drain()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        stop = threading.Event()
+        watchdog = threading.Thread(target=self._watch, args=(stop,), name="bronze-drain", daemon=True)
+        watchdog.start()
+        try:
+            while True:
+                item = self._take()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            watchdog.join()
+            with self.lock:
+                close = getattr(self.source, "close", None)
+                if close is not None:
+                    close()
+                self.spill.close()
+
+
+def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
+    """Reads ``source`` in a background thread, at most ``depth`` batches ahead.
+
+    For a source that can be paused and does Python work per row (the row reader's server-side
+    cursor): the reader and the Parquet writer, which releases the GIL for its heavy part,
+    overlap instead of alternating. Errors surface in the consumer at the batch where they
+    happened; a consumer that stops early stops the reader too.
+    """
+    queue: Queue[Any] = Queue(maxsize=depth)
     stop = threading.Event()
 
-    def hand_over(item: pa.RecordBatch) -> None:
-        if spill is not None:
-            queue.put(item if in_memory.acquire(blocking=False) else spill.put(item))
-            return
-        while not in_memory.acquire(timeout=0.2):
-            if stop.is_set():
-                return
-        queue.put(item)
+    def hand_over(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.2)
+                return True
+            except Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in source:
-                if stop.is_set():
+                if not hand_over(item):
                     break
-                hand_over(item)
         except BaseException as exc:  # handed to the consumer
-            queue.put(exc)
+            hand_over(exc)
             return
         finally:
             if stop.is_set():
                 close = getattr(source, "close", None)
                 if close is not None:
                     close()
-        queue.put(_DONE)
+        hand_over(_DONE)
 
     thread = threading.Thread(target=produce, name="bronze-reader", daemon=True)
     thread.start()
@@ -685,16 +790,10 @@ def prefetch(
                 return
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, _Spilled):
-                item = Spill.take(item)
-            else:
-                in_memory.release()
             yield item
     finally:
         stop.set()
         thread.join(timeout=30)
-        if spill is not None:
-            spill.close()
 
 
 def _fixed_width(type_: pa.DataType, n: int, values: bytes) -> pa.Array:

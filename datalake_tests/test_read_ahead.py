@@ -1,8 +1,10 @@
-"""The bronze reader's read-ahead: bounded memory when the writer is slower than the source.
+"""The bronze readers' read-ahead: bounded memory when the writer is slower than the source.
 
-connectorx cannot be paused (its reader thread feeds an unbounded channel), so the extraction
-drains it at the source's pace and parks what the writer is not ready for on local disk. These
-tests drive ``prefetch`` with a source that is much faster than its consumer.
+connectorx cannot be paused (its reader thread feeds an unbounded channel) and its iterator holds
+the GIL while it waits, so the Arrow reader is paced in the writer's thread (``Paced``): when the
+source stays ahead, what it has decoded is drained and parked on local disk. The row reader's
+source can be paused, so it reads ahead in a thread and waits (``prefetch``). These tests drive
+both with sources much faster or slower than their consumers.
 """
 
 from __future__ import annotations
@@ -10,70 +12,97 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute
 import pytest
 
-from datalake.extract import ExtractionStats, Spill, prefetch
+from datalake.extract import CAUGHT_UP_SECONDS, ExtractionStats, Paced, Spill, prefetch
 
+pc: Any = pyarrow.compute  # kernels generated at import; type checkers cannot see them
 BATCHES = 40
 ROWS = 50_000  # 400 kB of int64 per batch
+DEPTH = 2
 
 
-def _source(drained: list[float]) -> Iterator[pa.RecordBatch]:
+FIRST = pa.array(range(ROWS), pa.int64())
+
+
+def _source(drained: list[float], delay: float = 0.0) -> Iterator[pa.RecordBatch]:
+    """BATCHES batches, each made as it is pulled: at once (decoded ahead) unless ``delay``."""
     for i in range(BATCHES):
-        yield pa.record_batch({"n": pa.array(range(i * ROWS, (i + 1) * ROWS), pa.int64())})
+        if delay:
+            time.sleep(delay)  # decoding: a pull has to wait
+        yield pa.record_batch({"n": pc.add(FIRST, i * ROWS)})
     drained.append(time.monotonic())
 
 
-def test_a_slow_writer_spills_to_disk_and_keeps_memory_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _spill_dirs(tmp_path: Path) -> list[Path]:
+    return [p for p in tmp_path.iterdir() if p.name.startswith("datalake-spill-")]
+
+
+@pytest.mark.parametrize("step", [0.5, 0.02], ids=["one-long-stall", "every-step-slow"])
+def test_a_slow_writer_has_the_source_drained_to_disk_and_memory_bounded(
+    step: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A writer stalled once (an upload) or slower at every batch: the source is drained anyway."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where TMPDIR would point
     stats = ExtractionStats()
-    spill = Spill(stats)
     drained: list[float] = []
     pool = pa.default_memory_pool()
     baseline = pool.bytes_allocated()  # whatever this process already holds
     seen: list[int] = []
     peak_in_memory = 0
     batch_bytes = ROWS * 8
-    for i, batch in enumerate(prefetch(_source(drained), depth=2, spill=spill)):
-        if i == 2:
-            time.sleep(0.5)  # the writer stalls: the source runs on to its end meanwhile
-            assert drained, "the source was paused by the slow writer"
-            spill_dirs = [p for p in tmp_path.iterdir() if p.name.startswith("datalake-spill-")]
-            assert len(spill_dirs) == 1 and len(os.listdir(spill_dirs[0])) >= BATCHES - 6
+    spilled_while_writing = 0
+    for i, batch in enumerate(Paced(_source(drained), DEPTH, Spill(stats))):
+        long_stall = step > CAUGHT_UP_SECONDS
+        if i == 2 or not long_stall:
+            time.sleep(step)  # the writer is busy; the source runs on meanwhile
+        if i == 2 and long_stall:
+            assert drained, "the source waited for the stalled writer"
+            assert len(os.listdir(_spill_dirs(tmp_path)[0])) >= BATCHES - 3 - DEPTH
+        spilled_while_writing = max(spilled_while_writing, stats.spilled_batches)
         peak_in_memory = max(peak_in_memory, pool.bytes_allocated() - baseline)
         seen.extend(batch.column("n").to_pylist()[:1])
         del batch
     # Every batch, in order, exactly once.
     assert seen == [i * ROWS for i in range(BATCHES)]
     # Memory: a handful of batches, never the whole stream (40 batches = 16 MB).
-    assert peak_in_memory <= 8 * batch_bytes, peak_in_memory
-    assert stats.spilled_batches >= BATCHES - 6 and stats.spilled_bytes >= stats.spilled_batches * batch_bytes
-    assert not any(p.name.startswith("datalake-spill-") for p in tmp_path.iterdir()), "spill left behind"
+    assert peak_in_memory <= (DEPTH + 4) * batch_bytes, peak_in_memory
+    assert spilled_while_writing >= BATCHES // 2
+    assert stats.spilled_bytes >= stats.spilled_batches * batch_bytes
+    assert not _spill_dirs(tmp_path), "spill left behind"
 
 
 def test_a_writer_that_keeps_up_spills_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     stats = ExtractionStats()
-    slow: list[float] = []
-
-    def slow_source() -> Iterator[pa.RecordBatch]:
-        for batch in _source(slow):
-            time.sleep(0.005)  # the source is the slow side
-            yield batch
-
-    total = sum(b.num_rows for b in prefetch(slow_source(), depth=4, spill=Spill(stats)))
+    # The source is the slow side: every pull waits, so the reader is always caught up.
+    total = sum(b.num_rows for b in Paced(_source([], delay=0.005), 4, Spill(stats)))
     assert total == BATCHES * ROWS
     assert stats.spilled_batches == 0 and list(tmp_path.iterdir()) == []
 
 
-def test_an_error_in_the_source_surfaces_and_the_spill_is_removed(
+def test_the_source_is_read_in_the_writers_thread_while_it_keeps_up() -> None:
+    """connectorx holds the GIL while it waits: no other thread may wait on it for the writer."""
+    pulled_in: set[str] = set()
+
+    def source() -> Iterator[pa.RecordBatch]:
+        for batch in _source([], delay=0.002):
+            pulled_in.add(threading.current_thread().name)
+            yield batch
+
+    assert sum(b.num_rows for b in Paced(source(), 4, Spill(ExtractionStats()))) == BATCHES * ROWS
+    assert pulled_in == {threading.current_thread().name}
+
+
+def test_an_error_in_the_source_surfaces_in_order_and_the_spill_is_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
@@ -84,17 +113,55 @@ def test_an_error_in_the_source_surfaces_and_the_spill_is_removed(
         raise ConnectionError("lost connection to MySQL server during query")
 
     got = 0
-    try:
-        for _ in prefetch(failing(), depth=2, spill=Spill(stats)):
+    with pytest.raises(ConnectionError, match="lost connection"):
+        for _ in Paced(failing(), DEPTH, Spill(stats)):
             if got == 0:
-                time.sleep(0.3)  # let the source run ahead into the spill before the error
+                time.sleep(0.3)  # the source is drained into the spill, up to its error
             got += 1
-    except ConnectionError as exc:
-        assert "lost connection" in str(exc)
-    else:
-        raise AssertionError("the source's error did not reach the writer")
     assert got == 10 and stats.spilled_batches > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_that_stops_early_closes_the_source_and_removes_the_spill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    closed: list[bool] = []
+
+    def source() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from _source([])
+        finally:
+            closed.append(True)
+
+    stats = ExtractionStats()
+    stream = iter(Paced(source(), DEPTH, Spill(stats)))
+    next(stream)
+    time.sleep(0.3)  # drained into the spill meanwhile
+    assert stats.spilled_batches > 0
+    stream.close()  # type: ignore[attr-defined]  # a generator
+    assert closed == [True] and list(tmp_path.iterdir()) == []
+
+
+def test_the_row_reader_waits_for_its_writer_and_surfaces_errors() -> None:
+    """prefetch: at most ``depth`` batches ahead in memory; the source is paused, not spilled."""
+    produced: list[int] = []
+
+    def source() -> Iterator[pa.RecordBatch]:
+        for i, batch in enumerate(_source([])):
+            produced.append(i)
+            yield batch
+        raise ConnectionError("lost connection to MySQL server during query")
+
+    stream = prefetch(source(), depth=DEPTH)
+    first = next(stream)
+    time.sleep(0.3)
+    # The one handed over, DEPTH waiting in the queue, one held by the blocked reader.
+    assert len(produced) <= DEPTH + 2
+    seen = [first.column("n")[0].as_py()]
+    with pytest.raises(ConnectionError, match="lost connection"):
+        seen.extend(b.column("n")[0].as_py() for b in stream)
+    assert seen == [i * ROWS for i in range(BATCHES)]
 
 
 _NO_PANDAS_PROBE = """

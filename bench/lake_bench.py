@@ -57,7 +57,8 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
     """CDR-like bronze files: one per day, rows spread evenly; partner ids hashed (no pruning).
 
     DuckDB makes the rows; the project's own bronze writer writes them (zstd, row groups of 100k,
-    dictionaries where the first row group's values repeat), so both engines read what bronze really holds.
+    dictionaries where the first row group's values repeat, delta-encoded keys and times), so both engines
+    read what bronze really holds.
     """
     import datetime as dt
 
@@ -69,7 +70,7 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
     from datalake.storage import LakeStorage
 
     per_day = math.ceil(rows / days)
-    marker = root / f".generated-v4-{per_day}x{days}"
+    marker = root / f".generated-v5-{per_day}x{days}"
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
         con = duckdb.connect()

@@ -214,7 +214,7 @@ def test_zero_dates_appearing_later_switch_the_table_to_guarded_reads(harness: B
     assert sorted(ids) == [1, 2, 3, 3]
 
 
-def test_row_groups_follow_batch_size_and_dictionaries_only_where_values_repeat(
+def test_row_groups_follow_batch_size_dictionaries_where_values_repeat_and_delta_for_unique_integers(
     harness: BronzeHarness,
 ) -> None:
     h = harness
@@ -233,12 +233,22 @@ def test_row_groups_follow_batch_size_and_dictionaries_only_where_values_repeat(
     assert [footer.row_group(i).num_rows for i in range(footer.num_row_groups)] == [20000, 20000, 10000]
     columns = {footer.schema.column(i).name: i for i in range(footer.num_columns)}
 
+    def encodings(name: str) -> set[str]:
+        return set(footer.row_group(0).column(columns[name]).encodings)
+
     def dictionary(name: str) -> bool:
-        return any("DICTIONARY" in e for e in footer.row_group(0).column(columns[name]).encodings)
+        return any("DICTIONARY" in e for e in encodings(name))
 
     assert dictionary("kind") and dictionary("partner") and dictionary("_datalake_run_id")
     assert not dictionary("id") and not dictionary("updated_at") and not dictionary("_datalake_row_seq")
     assert not dictionary("reference")  # decided on the data: its values do not repeat
+    # Integer-like columns without a dictionary are delta-encoded; strings stay plain.
+    for name in ("id", "updated_at", "_datalake_row_seq"):
+        assert "DELTA_BINARY_PACKED" in encodings(name) and "PLAIN" not in encodings(name), name
+    assert "PLAIN" in encodings("reference")
+    lake = h.bronze("calls").sort_by("id")
+    assert lake.column("id").to_pylist() == list(range(1, 50001))
+    assert sorted(lake.column("_datalake_row_seq").to_pylist()) == list(range(50000))
 
 
 # --- windows and watermarks -------------------------------------------------------------

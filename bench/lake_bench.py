@@ -57,7 +57,7 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
     """CDR-like bronze files: one per day, rows spread evenly; partner ids hashed (no pruning).
 
     DuckDB makes the rows; the project's own bronze writer writes them (zstd, row groups of 100k,
-    dictionaries where the first row group's values repeat, delta-encoded keys and times), so both engines
+    dictionaries where the first rows' values repeat, delta-encoded keys and times), so both engines
     read what bronze really holds.
     """
     import datetime as dt

@@ -70,7 +70,7 @@ def generate(root: Path, rows: int, days: int) -> dict[str, Any]:
     from datalake.storage import LakeStorage
 
     per_day = math.ceil(rows / days)
-    marker = root / f".generated-v5-{per_day}x{days}"
+    marker = root / f".generated-v6-{per_day}x{days}"
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
         con = duckdb.connect()

@@ -149,9 +149,16 @@ Dictionary = bool | list[str] | Callable[[pa.Table], list[str]]
 
 
 def _integer_like(type_: pa.DataType) -> bool:
-    """Stored as Parquet INT32/INT64: what DELTA_BINARY_PACKED encodes."""
+    """Stored as Parquet INT32/INT64 (decimals up to 18 digits too, see _ParquetSink.writer):
+    what DELTA_BINARY_PACKED encodes."""
     t = pa.types
-    return t.is_integer(type_) or t.is_timestamp(type_) or t.is_date32(type_) or t.is_duration(type_)
+    return (
+        t.is_integer(type_)
+        or t.is_timestamp(type_)
+        or t.is_date32(type_)
+        or t.is_duration(type_)
+        or (t.is_decimal(type_) and type_.precision <= 18)
+    )
 
 
 def _encodings(schema: pa.Schema, dictionary: bool | list[str]) -> dict[str, str] | None:
@@ -208,6 +215,10 @@ class _ParquetSink:
                 write_statistics=True,
                 use_dictionary=dictionary,  # type: ignore[arg-type]  # a list is documented; the stubs say bool
                 column_encoding=_encodings(self.schema, dictionary),  # type: ignore[arg-type]
+                # DECIMAL(p <= 18) as INT32/INT64 instead of big-endian fixed-length bytes: the
+                # same logical type for every reader, and a scan summing a plain-encoded
+                # DECIMAL(12,4) takes half the time in DuckDB and polars (lake benchmark).
+                store_decimal_as_integer=True,
                 dictionary_pagesize_limit=self.dictionary_pagesize_limit,
             )
         return self._writer

@@ -606,11 +606,18 @@ class _Spilled:
     path: str
 
 
+SPILL_PREFIX = "datalake-spill-"
+# A spill directory left by a process that no longer exists (killed with SIGKILL, say) and
+# untouched this long is removed by the next extraction that spills.
+SPILL_STALE_SECONDS = 600
+
+
 class Spill:
     """Batches the writer is not ready for yet, on local disk: one Arrow IPC file each, in order.
 
-    The files live in a temporary directory under ``TMPDIR`` (keep that on disk, not tmpfs) and
-    are removed as they are read.
+    The files live in a temporary directory under ``TMPDIR`` (keep that on disk, not tmpfs),
+    named after the process, and are removed as they are read and when the extraction ends. A
+    killed run cannot remove its own: the next spill sweeps directories whose process is gone.
     """
 
     def __init__(self, stats: ExtractionStats):
@@ -619,7 +626,8 @@ class Spill:
 
     def put(self, batch: pa.RecordBatch) -> _Spilled:
         if self.directory is None:
-            self.directory = tempfile.mkdtemp(prefix="datalake-spill-")
+            sweep_stale_spills()
+            self.directory = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
         path = os.path.join(self.directory, f"{self.stats.spilled_batches:09d}.arrow")
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_batch(batch)
@@ -638,6 +646,36 @@ class Spill:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+
+def sweep_stale_spills(now: float | None = None) -> list[str]:
+    """Removes spill directories of processes that no longer exist; returns their paths."""
+    root = tempfile.gettempdir()
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    for name in os.listdir(root):
+        pid = name.removeprefix(SPILL_PREFIX).split("-", 1)[0]
+        if not name.startswith(SPILL_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(root, name)
+        try:
+            if now - os.stat(path).st_mtime < SPILL_STALE_SECONDS:
+                continue
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 # A pull from the Arrow reader that returns within this time found a batch already decoded.

@@ -22,7 +22,14 @@ import pyarrow as pa
 import pyarrow.compute
 import pytest
 
-from datalake.extract import CAUGHT_UP_SECONDS, ExtractionStats, Paced, Spill, prefetch
+from datalake.extract import (
+    CAUGHT_UP_SECONDS,
+    SPILL_STALE_SECONDS,
+    ExtractionStats,
+    Paced,
+    Spill,
+    prefetch,
+)
 
 pc: Any = pyarrow.compute  # kernels generated at import; type checkers cannot see them
 BATCHES = 40
@@ -141,6 +148,40 @@ def test_a_writer_that_stops_early_closes_the_source_and_removes_the_spill(
     assert stats.spilled_batches > 0
     stream.close()  # type: ignore[attr-defined]  # a generator
     assert closed == [True] and list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_spill_is_swept_by_the_next_spill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL leaves a run's spill behind; the next extraction that spills removes it."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()  # its PID now names no process (and is not reused this quickly)
+    old = time.time() - SPILL_STALE_SECONDS - 60
+
+    def spill_dir(pid: int, suffix: str, mtime: float | None) -> Path:
+        path = tmp_path / f"datalake-spill-{pid}-{suffix}"
+        path.mkdir()
+        (path / "000000000.arrow").write_bytes(b"x" * 1024)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    stale = spill_dir(killed.pid, "stale", old)
+    recent = spill_dir(killed.pid, "recent", None)  # may still be in use by a PID namespace we cannot see
+    live = spill_dir(os.getppid(), "live", old)  # its process runs
+    other = tmp_path / "not-a-spill"
+    other.mkdir()
+    os.utime(other, (old, old))
+
+    spill = Spill(ExtractionStats())
+    spill.take(spill.put(pa.record_batch({"n": FIRST})))
+    assert not stale.exists()
+    assert recent.exists() and live.exists() and other.exists()
+    assert len(_spill_dirs(tmp_path)) == 3  # this spill's own directory among them, until closed
+    spill.close()
+    assert sorted(_spill_dirs(tmp_path)) == sorted([recent, live])
 
 
 def test_the_row_reader_waits_for_its_writer_and_surfaces_errors() -> None:

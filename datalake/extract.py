@@ -772,20 +772,12 @@ class Paced:
         watchdog = threading.Thread(target=self._watch, args=(stop,), name="bronze-drain", daemon=True)
         watchdog.start()
         try:
-            while True:
-                item = self._take()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from _handed_out(self._take)
         finally:
             stop.set()
             watchdog.join()
             with self.lock:
-                close = getattr(self.source, "close", None)
-                if close is not None:
-                    close()
+                _close(self.source)
                 self.spill.close()
 
 
@@ -819,24 +811,33 @@ def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.Record
             return
         finally:
             if stop.is_set():
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
+                _close(source)
         hand_over(_DONE)
 
     thread = threading.Thread(target=produce, name="bronze-reader", daemon=True)
     thread.start()
     try:
-        while True:
-            item = queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from _handed_out(queue.get)
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def _handed_out(take: Callable[[], Any]) -> Iterator[pa.RecordBatch]:
+    """The batches ``take`` hands over, until the end; a source's error is raised where it came."""
+    while True:
+        item = take()
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _close(source: object) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
 
 
 def _fixed_width(type_: pa.DataType, n: int, values: bytes) -> pa.Array:

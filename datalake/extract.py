@@ -648,11 +648,10 @@ class Spill:
             self.directory = None
 
 
-def sweep_stale_spills(now: float | None = None) -> list[str]:
-    """Removes spill directories of processes that no longer exist; returns their paths."""
+def sweep_stale_spills() -> None:
+    """Removes spill directories of processes that no longer exist, once untouched a while."""
     root = tempfile.gettempdir()
-    now = time.time() if now is None else now
-    removed: list[str] = []
+    now = time.time()
     for name in os.listdir(root):
         pid = name.removeprefix(SPILL_PREFIX).split("-", 1)[0]
         if not name.startswith(SPILL_PREFIX) or not pid.isdigit() or _alive(int(pid)):
@@ -664,8 +663,6 @@ def sweep_stale_spills(now: float | None = None) -> list[str]:
         except FileNotFoundError:
             continue
         shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -696,25 +693,16 @@ class Paced:
     batches itself, as connectorx's own loop does, and decoding overlaps writing.
 
     What keeps memory bounded when the writer is the slower side: a pull that has to wait shows
-    the channel empty (the reader is caught up). When none has for ``caught_up`` seconds (a slow
+    the channel empty (the reader is caught up). When none has for ``CAUGHT_UP_SECONDS`` (a slow
     upload, a busy CPU), a watchdog thread pulls everything the channel holds, until a pull has
     to wait; batches beyond ``depth`` wait on local disk (``Spill``) and are read back in order.
-    So memory holds ``depth`` batches plus what the source decodes in about ``caught_up``
-    seconds. Errors surface at the batch where they happened; a consumer that stops early
-    closes the source and removes the spill.
+    So memory holds ``depth`` batches plus what the source decodes in about
+    ``CAUGHT_UP_SECONDS``. Errors surface at the batch where they happened; a consumer that
+    stops early closes the source and removes the spill.
     """
 
-    def __init__(
-        self,
-        source: Iterator[pa.RecordBatch],
-        depth: int,
-        spill: Spill,
-        *,
-        ready: float = READY_SECONDS,
-        caught_up: float = CAUGHT_UP_SECONDS,
-    ):
+    def __init__(self, source: Iterator[pa.RecordBatch], depth: int, spill: Spill):
         self.source, self.depth, self.spill = source, depth, spill
-        self.ready, self.caught_up = ready, caught_up
         self.lock = threading.Lock()  # one thread pulls at a time; guards what follows
         self.pending: deque[pa.RecordBatch | _Spilled] = deque()
         self.in_memory = 0
@@ -730,7 +718,7 @@ class Paced:
             item = _DONE
         except BaseException as exc:  # handed to the writer in order
             item = exc
-        waited = time.perf_counter() - started >= self.ready
+        waited = time.perf_counter() - started >= READY_SECONDS
         if waited:
             self.caught_up_at = time.monotonic()
         return item, waited
@@ -760,11 +748,11 @@ class Paced:
             return item
 
     def _watch(self, stop: threading.Event) -> None:
-        while not stop.wait(self.caught_up / 2):
-            if time.monotonic() - self.caught_up_at < self.caught_up:
+        while not stop.wait(CAUGHT_UP_SECONDS / 2):
+            if time.monotonic() - self.caught_up_at < CAUGHT_UP_SECONDS:
                 continue
             with self.lock:
-                if time.monotonic() - self.caught_up_at >= self.caught_up and not stop.is_set():
+                if time.monotonic() - self.caught_up_at >= CAUGHT_UP_SECONDS and not stop.is_set():
                     self._drain()
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:

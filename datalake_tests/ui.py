@@ -129,7 +129,8 @@ def stop_session(
 
     SIGTERM goes to the process group, then we wait for every member (those in ``known``, seen
     earlier, and those in the session now); survivors get SIGKILL, to the group and one by one.
-    Raises if anything of the session is still alive at the end. Signals only ever go to the
+    A member that appears meanwhile (a shutting-down parent spawning a child) gets the same in a
+    further round. Raises if anything of the session is still alive at the end. Signals only ever go to the
     group we created or to PIDs whose start time still matches what we recorded.
     """
     started = time.monotonic()
@@ -145,9 +146,23 @@ def stop_session(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(sid, sig)
 
+    def signal_each(processes: list[ProcInfo], sig: signal.Signals) -> None:
+        for proc in processes:
+            if proc.is_alive():  # still the process we saw, not a PID reuse
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(proc.pid, sig)
+
+    def late() -> list[ProcInfo]:
+        """Members that appeared after the signals (a dying parent may still spawn a child)."""
+        return [p for p in session_members(sid) if p.pid not in members]
+
     graceful = True
-    if leader_alive or alive():
+    rounds = 0
+    while (leader_alive or alive()) and rounds < 3:
+        rounds += 1
         signal_group(signal.SIGTERM)
+        if rounds > 1:  # late members may sit in a process group of their own
+            signal_each(alive(), signal.SIGTERM)
         deadline = time.monotonic() + term_timeout
         while alive() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -155,16 +170,15 @@ def stop_session(
         if survivors:
             graceful = False
             signal_group(signal.SIGKILL)
-            for survivor in survivors:
-                if survivor.is_alive():
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(survivor.pid, signal.SIGKILL)
+            signal_each(survivors, signal.SIGKILL)
             deadline = time.monotonic() + kill_timeout
             while alive() and time.monotonic() < deadline:
                 time.sleep(0.1)
+        leader_alive = False
+        members.update((p.pid, p) for p in late())  # stopped the same way in the next round
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=kill_timeout)
-    left = [*alive(), *(p for p in session_members(sid) if p.pid not in members)]
+    left = [*alive(), *late()]
     if left:
         raise RuntimeError(
             f"session {sid} not empty after SIGTERM+SIGKILL: "

@@ -55,6 +55,7 @@ def source_resource(settings: Settings) -> V3SourceResource:
         ssl_ca=mysql.ssl_ca,
         ssl_cert=mysql.ssl_cert,
         ssl_key=mysql.ssl_key,
+        ssl_mode=mysql.ssl_mode,
         reader=mysql.reader,
     )
 

@@ -515,7 +515,7 @@ def extract(
     log: Callable[[str], None] = lambda _m: None,
     progress_every: float = 15.0,
     source: str = "",
-    arrow_url: Callable[[], str] | None = None,
+    arrow_url: Callable[[sa.Connection], str] | None = None,
     reconcile_deletes: bool = False,
     date_guards: bool = False,
 ) -> Extraction:
@@ -552,9 +552,10 @@ def extract(
             if arrow_url is not None:
                 from datalake.arrow_reader import stream_arrow
 
+                url = arrow_url(conn)  # TLS as this connection's, where it was negotiated
                 conn.close()
                 stream = stream_arrow(
-                    arrow_url(),
+                    url,
                     conn.dialect,
                     plan,
                     lo,

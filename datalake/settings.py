@@ -12,6 +12,7 @@ they are *present* where they are required.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Mapping
@@ -40,6 +41,34 @@ class Environment(StrEnum):
     PROD = "prod"
 
 
+SSL_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_identity")
+VERIFYING_MODES = ("verify_ca", "verify_identity")
+
+
+def resolve_ssl_mode(mode: str | None, ca: str | None, cert: str | None) -> str:
+    """The TLS mode in effect: ``mode`` checked against the files given, or its default.
+
+    Without a mode: ``verify_identity`` with a CA, ``required`` with a client certificate,
+    else ``preferred``. A CA only means something to a verifying mode, and a client
+    certificate needs TLS: other combinations are errors rather than silently ignored files.
+    """
+    if mode is None:
+        return "verify_identity" if ca else "required" if cert else "preferred"
+    normalized = mode.strip().lower().replace("-", "_")
+    if normalized not in SSL_MODES:
+        raise ValueError(f"must be one of {', '.join(SSL_MODES)}, got {mode!r}")
+    if ca and normalized not in VERIFYING_MODES:
+        raise ValueError(
+            f"{normalized!r} does not verify the server, so DATALAKE_MYSQL_SSL_CA would be ignored: "
+            "use verify_ca or verify_identity"
+        )
+    if cert and normalized == "disabled":
+        raise ValueError(
+            "'disabled' cannot present the client certificate: use required, verify_ca or verify_identity"
+        )
+    return normalized
+
+
 class SettingsError(ValueError):
     """Raised when the environment cannot produce valid settings; names every bad variable."""
 
@@ -62,7 +91,10 @@ class MySQLSettings:
     ssl_ca: str | None = None
     ssl_cert: str | None = None
     ssl_key: str | None = None
-    # "auto" (Arrow-native reader unless TLS) or "rows" (SQLAlchemy/PyMySQL reader).
+    # MySQL's --ssl-mode; None: verify_identity with a CA, required with a client certificate,
+    # else preferred (datalake.source.resolve_ssl_mode).
+    ssl_mode: str | None = None
+    # "auto" (Arrow-native reader unless a client certificate) or "rows" (SQLAlchemy/PyMySQL reader).
     reader: str = "auto"
 
 
@@ -202,8 +234,15 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             ssl_ca=get("DATALAKE_MYSQL_SSL_CA"),
             ssl_cert=get("DATALAKE_MYSQL_SSL_CERT"),
             ssl_key=get("DATALAKE_MYSQL_SSL_KEY"),
+            ssl_mode=get("DATALAKE_MYSQL_SSL_MODE"),
             reader=(get("DATALAKE_MYSQL_READER") or "auto").lower(),
         )
+        try:
+            mysql = dataclasses.replace(
+                mysql, ssl_mode=resolve_ssl_mode(mysql.ssl_mode, mysql.ssl_ca, mysql.ssl_cert)
+            )
+        except ValueError as exc:
+            problems["DATALAKE_MYSQL_SSL_MODE"] = str(exc)
         if mysql.reader not in ("auto", "rows"):
             problems["DATALAKE_MYSQL_READER"] = f"must be 'auto' or 'rows', got {mysql.reader!r}"
         if (mysql.ssl_cert is None) != (mysql.ssl_key is None):

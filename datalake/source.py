@@ -4,6 +4,20 @@ Connections are read-only by use (every extraction runs in a ``READ ONLY`` trans
 run with ``time_zone = '+00:00'`` so DATETIME and TIMESTAMP arrive as UTC instants, and
 are pre-pinged. The password reaches this resource as an ``EnvVar``; it is passed to the
 driver through ``URL.create`` and never rendered into a string, a log line or metadata.
+
+TLS follows MySQL's ``--ssl-mode``, for both readers (see ``resolve_ssl_mode``):
+
+===============  =========================================================================
+disabled         plain TCP
+preferred        TLS when the server offers it, unverified (the default without a CA)
+required         TLS or no connection; the server certificate is not verified
+verify_ca        TLS; the certificate must chain to ``ssl_ca`` (or the system's CAs)
+verify_identity  as verify_ca, and the certificate must name the host (the default with a CA)
+===============  =========================================================================
+
+The Arrow-native reader (connectorx) verifies the same way, and under ``preferred`` encrypts
+exactly when the planning connection did. connectorx cannot present a client certificate, so
+with ``ssl_cert`` the row reader reads.
 """
 
 from __future__ import annotations
@@ -11,10 +25,13 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import dagster as dg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
+
+from datalake.settings import VERIFYING_MODES, resolve_ssl_mode
 
 UTC_SESSION = "SET time_zone = '+00:00'"
 
@@ -31,8 +48,10 @@ class V3SourceResource(dg.ConfigurableResource):
     ssl_ca: str | None = None
     ssl_cert: str | None = None
     ssl_key: str | None = None
-    # "auto": the Arrow-native reader (connectorx) for MySQL without TLS, else the row reader;
-    # "rows": always the SQLAlchemy/PyMySQL row reader.
+    # disabled | preferred | required | verify_ca | verify_identity; None: see resolve_ssl_mode
+    ssl_mode: str | None = None
+    # "auto": the Arrow-native reader (connectorx) for MySQL unless a client certificate is
+    # set, else the row reader; "rows": always the SQLAlchemy/PyMySQL row reader.
     reader: str = "auto"
     connect_timeout: int = 20
     read_timeout: int = 3600
@@ -76,32 +95,55 @@ class V3SourceResource(dg.ConfigurableResource):
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
         }
-        if self.ssl_ca or self.ssl_cert:
-            connect_args["ssl"] = self._ssl_context()
+        mode = self.tls_mode
+        if mode == "disabled":
+            connect_args["ssl_disabled"] = True
+        elif mode != "preferred":  # PyMySQL's own default is "preferred"
+            connect_args["ssl"] = self._ssl_context(mode)
         return sa.create_engine(url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args)
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ssl_ca)
+    @property
+    def tls_mode(self) -> str:
+        return resolve_ssl_mode(self.ssl_mode, self.ssl_ca, self.ssl_cert)
+
+    def _ssl_context(self, mode: str) -> ssl.SSLContext:
+        if mode in VERIFYING_MODES:
+            context = ssl.create_default_context(cafile=self.ssl_ca)  # the system's CAs without one
+            context.check_hostname = mode == "verify_identity"
+        else:  # required: encrypted, the server's certificate is not checked
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         if self.ssl_cert:
             context.load_cert_chain(self.ssl_cert, self.ssl_key)
         return context
 
-    def arrow_url(self) -> str | None:
-        """connectorx URL for the Arrow-native reader, or None where the row reader must be used.
+    @property
+    def reads_arrow(self) -> bool:
+        """Whether extractions use the Arrow-native reader (connectorx) rather than the row reader."""
+        return self.kind == "mysql" and self.reader != "rows" and not self.ssl_cert
+
+    def arrow_url(self, conn: sa.Connection) -> str:
+        """connectorx URL for the Arrow-native reader, with the TLS of ``conn`` (a planning connection).
 
         Contains the password: it is passed to connectorx only, never logged or stored.
         """
-        if self.kind != "mysql" or self.reader == "rows" or self.ssl_ca or self.ssl_cert:
-            return None
-        from urllib.parse import quote
-
+        if not self.reads_arrow:
+            raise ValueError(f"{self.describe()} is read by the row reader")
+        mode = self.tls_mode
+        if mode == "preferred":  # encrypt exactly when the server offered TLS to the planning connection
+            cipher = conn.exec_driver_sql("SHOW SESSION STATUS LIKE 'Ssl_cipher'").first()
+            mode = "required" if cipher is not None and cipher[1] else "disabled"
+        query = {"ssl-mode": mode}
+        if self.ssl_ca and mode in VERIFYING_MODES:
+            query["ssl-ca"] = self.ssl_ca
         credentials = quote(self.user or "", safe="")
         if self.password:
             credentials += ":" + quote(self.password, safe="")
-        return f"mysql://{credentials}@{self.host}:{self.port}/"
+        return f"mysql://{credentials}@{self.host}:{self.port}/?{urlencode(query)}"
 
     def describe(self) -> str:
         """Where the source is, for logs and metadata: never includes credentials."""
         if self.kind == "mysql":
-            return f"mysql://{self.user}@{self.host}:{self.port}"
+            return f"mysql://{self.user}@{self.host}:{self.port} (tls {self.tls_mode})"
         return f"demo sqlite at {self.demo_dir}"

@@ -23,6 +23,7 @@ from datalake_tests.services import (
     start_mariadb,
     start_postgres,
 )
+from datalake_tests.tls import PKI, make_pki
 
 _S = TypeVar("_S", bound=ManagedServer)
 
@@ -54,6 +55,17 @@ def _serve(start: Callable[[Path], _S], name: str, factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def mariadb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:
     yield from _serve(start_mariadb, "mariadb", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def tls_mariadb_server(tmp_path_factory: pytest.TempPathFactory, tls_pki: PKI) -> Iterator[MariaDBServer]:
+    """A second MariaDB that offers TLS with the test PKI's server certificate."""
+    yield from _serve(lambda base: start_mariadb(base, tls=tls_pki), "mariadb-tls", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

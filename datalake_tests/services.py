@@ -36,8 +36,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from datalake_tests.tls import PKI
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AZURITE_BLOB_BIN = REPO_ROOT / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
@@ -368,8 +371,12 @@ FLUSH PRIVILEGES;
 """.encode()
 
 
-def start_mariadb(base_dir: Path, *, timeout: float = 60.0) -> MariaDBServer:
-    """Initialise a throwaway datadir under ``base_dir`` and start ``mariadbd`` on a free port."""
+def start_mariadb(base_dir: Path, *, timeout: float = 60.0, tls: PKI | None = None) -> MariaDBServer:
+    """Initialise a throwaway datadir under ``base_dir`` and start ``mariadbd`` on a free port.
+
+    With ``tls`` the server offers TLS with that PKI's server certificate and trusts its CA for
+    client certificates (plain connections stay allowed unless a user ``REQUIRE``s TLS).
+    """
     import pymysql
 
     started_at = time.monotonic()
@@ -429,6 +436,11 @@ def start_mariadb(base_dir: Path, *, timeout: float = 60.0) -> MariaDBServer:
             "--default-time-zone=+00:00",
             # Throwaway data: flushing the redo log on every commit only slows tests down.
             "--innodb-flush-log-at-trx-commit=2",
+            *(
+                [f"--ssl-ca={tls.ca}", f"--ssl-cert={tls.server_cert}", f"--ssl-key={tls.server_key}"]
+                if tls
+                else []
+            ),
         ],
         log_path=stdout_log,
         cwd=root,

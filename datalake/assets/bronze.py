@@ -152,7 +152,6 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             f"{spec.qualified_name}: {window.kind.value} window lo={window.lo!s} hi={window.hi or 'source now'} "
             f"from {v3_source.describe()}"
         )
-        arrow_url = v3_source.arrow_url()
         return extract(
             v3_source.engine(),
             spec,
@@ -162,7 +161,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             lag=dt.timedelta(seconds=settings.extract_lag_seconds),
             log=context.log.info,
             source=v3_source.describe(),
-            arrow_url=(lambda: arrow_url) if arrow_url else None,
+            arrow_url=v3_source.arrow_url if v3_source.reads_arrow else None,
             reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,
             date_guards=_needed_date_guards(context.instance, key),
         )

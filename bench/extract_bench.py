@@ -11,6 +11,12 @@ extraction wall time (imports and loading the definitions excluded) and the proc
 BENCH_EXTRACT_REPEAT times (default 3, interleaved; the median run counts). The raw C client
 (`mariadb --quick --batch` to /dev/null) is the protocol limit. Finally this project alone
 on 1M and 10M rows, for the memory bound.
+
+    BENCH_EXTRACT_TLS=1 BENCH_SCALE_ROWS= uv run python -m bench extract
+
+runs the same comparison over verified TLS: the server gets a throwaway CA and certificate, and
+every tool connects with that CA and checks the host name (this project through
+DATALAKE_MYSQL_SSL_CA, i.e. ``verify_identity``).
 """
 
 from __future__ import annotations
@@ -24,15 +30,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import sqlalchemy as sa
 
 from datalake.demo.generator import seed_source
 from datalake.demo.schema import create_schemas, drop_schemas, metadata
 from datalake_tests.services import MariaDBServer, start_mariadb
+from datalake_tests.tls import make_pki
 
 RESULTS = Path(__file__).parent / "results"
 REPEAT = int(os.environ.get("BENCH_EXTRACT_REPEAT", "3"))
+TLS = os.environ.get("BENCH_EXTRACT_TLS", "").lower() in ("1", "true", "yes")
 TARGETS = {
     "vs_connectorx_rows_per_s": 1.0,  # >=
     "vs_dlt_rows_per_s": 10.0,  # >=
@@ -78,13 +87,14 @@ def tool(name: str, url: str, schema: str, table: str, work: Path) -> Measure:
     return Measure(name, int(result["rows"]), float(result["seconds"]), wall, rss)
 
 
-def raw_client(server: MariaDBServer, schema: str, table: str) -> Measure:
+def raw_client(server: MariaDBServer, schema: str, table: str, ca: Path | None) -> Measure:
     client = shutil.which("mariadb") or shutil.which("mysql")
     if client is None:
         raise RuntimeError("no mariadb/mysql client on PATH")
     cmd = [
         client, "--no-defaults", "--quick", "--batch", "-h", server.host, "-P", str(server.port),
         "-u", server.user, f"-p{server.password}", "-e", f"SELECT * FROM {schema}.{table}",
+        *([f"--ssl-ca={ca}", "--ssl-verify-server-cert"] if ca else []),
     ]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -126,7 +136,8 @@ def main() -> None:
     rows = int(os.environ.get("BENCH_EXTRACT_ROWS", "2000000"))
     scale = [int(x) for x in os.environ.get("BENCH_SCALE_ROWS", "1000000,10000000").split(",") if x]
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
-    server = start_mariadb(work / "mariadb")
+    pki = make_pki(work / "pki") if TLS else None
+    server = start_mariadb(work / "mariadb", tls=pki)
     try:
         engine = sa.create_engine(server.url())
         drop_schemas(engine)
@@ -135,7 +146,8 @@ def main() -> None:
         print(f"seeding {rows:,} CDRs ...", flush=True)
         seed_source(engine, seed=1, cdr_rows=rows)
         engine.dispose()
-        url = server.url()
+        # With TLS every tool gets the CA through the URL (SQLAlchemy passes ssl_ca to PyMySQL).
+        url = server.url() + (f"&ssl_ca={quote(str(pki.ca), safe='')}" if pki else "")
         # Each tool REPEAT times, interleaved (so drift on a shared machine hits every tool alike);
         # the median run of each counts.
         runs: dict[str, list[Measure]] = {}
@@ -143,7 +155,7 @@ def main() -> None:
             for name in ("project", "connectorx", "dlt", "pandas", "raw"):
                 print(f"  round {round_ + 1}/{REPEAT}: {name} ...", flush=True)
                 measure = (
-                    raw_client(server, "v3_billing", "billing_cdr")
+                    raw_client(server, "v3_billing", "billing_cdr", pki.ca if pki else None)
                     if name == "raw"
                     else tool(name, url, "v3_billing", "billing_cdr", work)
                 )
@@ -152,7 +164,8 @@ def main() -> None:
         by = {m.tool: m for m in measures}
         ours = by["project"]
         print(
-            f"\nExtract v3_billing.billing_cdr ({rows:,} rows, 15 columns) to Parquet, MariaDB on loopback:\n"
+            f"\nExtract v3_billing.billing_cdr ({rows:,} rows, 15 columns) to Parquet, MariaDB on loopback"
+            f"{', verified TLS' if pki else ''}:\n"
         )
         print(
             f"  {'tool':<34} {'rows/s':>12} {'extract s':>10} {'process s':>10} {'peak RSS MB':>12} {'ours is':>10}"
@@ -187,10 +200,11 @@ def main() -> None:
             ok = value >= target if sense == ">=" else value <= target
             print(f"    {key:<26} {value:8.2f}  target {sense} {target:<6} {'met' if ok else 'NOT met'}")
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "extract.json").write_text(
+        (RESULTS / ("extract-tls.json" if pki else "extract.json")).write_text(
             json.dumps(
                 {
                     "rows": rows,
+                    "tls": pki is not None,
                     "repeat": REPEAT,
                     "runs": {name: [asdict(m) for m in ms] for name, ms in runs.items()},
                     "measures": [asdict(m) for m in measures],

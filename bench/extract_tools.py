@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 Extraction = Callable[[], int]
 
@@ -32,6 +32,7 @@ def project(url: str, schema: str, table: str, out: Path) -> Extraction:
     from datalake.settings import resolve_settings
 
     parts = urlsplit(url)
+    ca = parse_qs(parts.query).get("ssl_ca", [""])[0]  # verified TLS (BENCH_EXTRACT_TLS)
     registry = out / "registry.yaml"
     registry.write_text(
         yaml.safe_dump(
@@ -56,6 +57,7 @@ def project(url: str, schema: str, table: str, out: Path) -> Extraction:
             "DATALAKE_MYSQL_PORT": str(parts.port),
             "DATALAKE_MYSQL_USER": parts.username or "",
             "DATALAKE_MYSQL_PASSWORD": parts.password or "",
+            **({"DATALAKE_MYSQL_SSL_CA": ca} if ca else {}),
             "DATALAKE_REGISTRY": str(registry),
             "DATALAKE_ROOT_BRONZE": str(out / "bronze"),
             "DATALAKE_ROOT_SILVER": str(out / "silver"),
@@ -90,6 +92,9 @@ def connectorx(url: str, schema: str, table: str, out: Path) -> Extraction:
 
     parts = urlsplit(url)
     cx_url = f"mysql://{parts.username}:{parts.password}@{parts.hostname}:{parts.port}/{schema}"
+    ca = parse_qs(parts.query).get("ssl_ca", [""])[0]
+    if ca:
+        cx_url += "?" + urlencode({"ssl-mode": "verify_identity", "ssl-ca": ca})
 
     def run() -> int:
         reader = cx.read_sql(

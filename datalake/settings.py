@@ -91,8 +91,7 @@ class MySQLSettings:
     ssl_ca: str | None = None
     ssl_cert: str | None = None
     ssl_key: str | None = None
-    # MySQL's --ssl-mode; None: verify_identity with a CA, required with a client certificate,
-    # else preferred (datalake.source.resolve_ssl_mode).
+    # MySQL's --ssl-mode in effect, from DATALAKE_MYSQL_SSL_MODE or its default (resolve_ssl_mode).
     ssl_mode: str | None = None
     # "auto" (Arrow-native reader unless a client certificate) or "rows" (SQLAlchemy/PyMySQL reader).
     reader: str = "auto"

@@ -140,3 +140,43 @@ def test_dagster_loads_the_module_in_local_and_refuses_prod_with_a_missing_varia
     assert failed.returncode != 0
     assert "DATALAKE_ROOT_SILVER" in failed.stdout + failed.stderr
     assert "s3cret" not in failed.stdout + failed.stderr
+
+
+_MYSQL = {"DATALAKE_MYSQL_HOST": "127.0.0.1", "DATALAKE_MYSQL_USER": "me"}
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"DATALAKE_MYSQL_SSL_MODE": "strict"}, "must be one of disabled, preferred"),
+        ({"DATALAKE_MYSQL_SSL_MODE": "required", "DATALAKE_MYSQL_SSL_CA": "/ca.pem"}, "would be ignored"),
+        (
+            {
+                "DATALAKE_MYSQL_SSL_MODE": "disabled",
+                "DATALAKE_MYSQL_SSL_CERT": "/c.pem",
+                "DATALAKE_MYSQL_SSL_KEY": "/k",
+            },
+            "cannot present the client certificate",
+        ),
+    ],
+)
+def test_bad_tls_settings_fail_at_load_naming_the_variable(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(SettingsError) as failure:
+        resolve_settings({**_MYSQL, **env})
+    assert failure.value.problems.keys() == {"DATALAKE_MYSQL_SSL_MODE"}
+    assert problem in failure.value.problems["DATALAKE_MYSQL_SSL_MODE"]
+
+
+@pytest.mark.parametrize(
+    ("env", "mode"),
+    [
+        ({}, "preferred"),
+        ({"DATALAKE_MYSQL_SSL_CA": "/ca.pem"}, "verify_identity"),
+        ({"DATALAKE_MYSQL_SSL_CERT": "/c.pem", "DATALAKE_MYSQL_SSL_KEY": "/k.pem"}, "required"),
+        ({"DATALAKE_MYSQL_SSL_MODE": "VERIFY-CA"}, "verify_ca"),
+    ],
+)
+def test_tls_mode_defaults(env: dict[str, str], mode: str) -> None:
+    settings = resolve_settings({**_MYSQL, **env})
+    assert settings.source.mysql is not None
+    assert settings.source.mysql.ssl_mode == mode

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from datalake.settings import SettingsError
 from datalake.source import V3SourceResource
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
 from datalake_tests.services import MariaDBServer
@@ -176,50 +175,3 @@ def test_a_client_certificate_reads_with_the_row_reader(
     # connectorx cannot present a client certificate: the row reader reads, exactly as well.
     assert meta(m, "datalake/reader") == "rows"
     _assert_exact(harness, m)
-
-
-@pytest.mark.parametrize(
-    ("env", "problem"),
-    [
-        ({"DATALAKE_MYSQL_SSL_MODE": "strict"}, "must be one of disabled, preferred"),
-        ({"DATALAKE_MYSQL_SSL_MODE": "required", "DATALAKE_MYSQL_SSL_CA": "/ca.pem"}, "would be ignored"),
-        (
-            {
-                "DATALAKE_MYSQL_SSL_MODE": "disabled",
-                "DATALAKE_MYSQL_SSL_CERT": "/c.pem",
-                "DATALAKE_MYSQL_SSL_KEY": "/k",
-            },
-            "cannot present the client certificate",
-        ),
-    ],
-)
-def test_bad_tls_settings_fail_at_load_naming_the_variable(
-    env: dict[str, str], problem: str, mariadb_server: MariaDBServer, tmp_path: Path
-) -> None:
-    from datalake.settings import resolve_settings
-    from datalake_tests.helpers import mariadb_env
-
-    with pytest.raises(SettingsError) as failure:
-        resolve_settings(mariadb_env(mariadb_server, tmp_path, **env))
-    assert failure.value.problems.keys() == {"DATALAKE_MYSQL_SSL_MODE"}
-    assert problem in failure.value.problems["DATALAKE_MYSQL_SSL_MODE"]
-
-
-@pytest.mark.parametrize(
-    ("env", "mode"),
-    [
-        ({}, "preferred"),
-        ({"DATALAKE_MYSQL_SSL_CA": "/ca.pem"}, "verify_identity"),
-        ({"DATALAKE_MYSQL_SSL_CERT": "/c.pem", "DATALAKE_MYSQL_SSL_KEY": "/k.pem"}, "required"),
-        ({"DATALAKE_MYSQL_SSL_MODE": "VERIFY-CA"}, "verify_ca"),
-    ],
-)
-def test_tls_mode_defaults(
-    env: dict[str, str], mode: str, mariadb_server: MariaDBServer, tmp_path: Path
-) -> None:
-    from datalake.settings import resolve_settings
-    from datalake_tests.helpers import mariadb_env
-
-    settings = resolve_settings(mariadb_env(mariadb_server, tmp_path, **env))
-    assert settings.source.mysql is not None
-    assert settings.source.mysql.ssl_mode == mode

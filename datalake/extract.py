@@ -67,6 +67,21 @@ DATE_GUARDS_KEY = "datalake/date_guards"
 # fetches peaked ~40 MB higher on the benchmark's CDR table, for ~6% less decoding CPU). The bronze
 # writer groups fetches into row groups of the spec's batch size.
 ARROW_FETCH_ROWS = 16_384
+# Rows count for nothing when they are wide (TEXT, BLOB, JSON): a row group also ends once it
+# holds the spec's batch_bytes of Arrow data (DATALAKE_BATCH_BYTES), and every reader fetch is
+# sized to at most this share of that, from the table's average row length. So a table of 500 KB
+# documents is read a few rows at a time, and a narrow one in full-size fetches.
+FETCHES_PER_ROW_GROUP = 8
+# The row width assumed for a table with unbounded columns (TEXT, BLOB, JSON) whose average row
+# length the source does not know (no statistics yet).
+UNKNOWN_WIDE_ROW_BYTES = 64 * 1024
+
+
+def rows_per_fetch(limit: int, fetch_bytes: int, row_bytes: int | None) -> int:
+    """Rows per fetch: at most ``limit``, and about ``fetch_bytes`` of rows ``row_bytes`` wide."""
+    if not row_bytes or fetch_bytes <= 0:
+        return limit
+    return max(1, min(limit, fetch_bytes // row_bytes))
 
 
 class ExtractionError(RuntimeError):
@@ -250,6 +265,10 @@ class ExtractionStats:
 # across 100k rows.
 DICTIONARY_MAX_DISTINCT_SHARE = 0.5
 DICTIONARY_SAMPLE_ROWS = ARROW_FETCH_ROWS
+# Columns whose values average more than this (documents, blobs) are never dictionary-encoded
+# and not counted: counting hashes a copy of every sampled value (on 500 KB documents that copy
+# was ~3x the row group, the read's peak), and a dictionary of them would save little.
+DICTIONARY_MAX_VALUE_BYTES = 1024
 
 
 def dictionary_columns(spec: TableSpec, first: pa.Table) -> list[str]:
@@ -268,11 +287,15 @@ def dictionary_columns(spec: TableSpec, first: pa.Table) -> list[str]:
         unique.add(spec.primary_key[0])
     sample = first.slice(0, DICTIONARY_SAMPLE_ROWS)
     limit = DICTIONARY_MAX_DISTINCT_SHARE * sample.num_rows
+    wide = DICTIONARY_MAX_VALUE_BYTES * sample.num_rows
     return [
         name
         for name in sample.column_names
         if name not in unique
-        and (not sample.num_rows or pc.count_distinct(sample.column(name)).as_py() < limit)
+        and (
+            not sample.num_rows
+            or (sample.column(name).nbytes <= wide and pc.count_distinct(sample.column(name)).as_py() < limit)
+        )
     ]
 
 
@@ -293,9 +316,13 @@ class Extraction:
     # "arrow" (connectorx + server-side casts) or "rows" (SQLAlchemy/PyMySQL, SQLite demo).
     reader: str = "rows"
     run_id: str = ""
-    # Rows per Parquet row group: the spec's batch size. The row reader yields batches of this
-    # size; the Arrow reader fetches smaller ones (see ARROW_FETCH_ROWS) that the writer groups.
+    # Rows per Parquet row group: the spec's batch size; a row group also ends at batch_bytes of
+    # Arrow data (0: no byte bound). The readers fetch smaller batches (see ARROW_FETCH_ROWS,
+    # FETCHES_PER_ROW_GROUP) that the writer groups.
     batch_size: int = 0
+    batch_bytes: int = 0
+    # Rows per fetch the reader started with (the row reader adapts it to the rows it meets).
+    fetch_rows: int = 0
     # Set for a delete reconciliation: given the table's existing bronze files and the next row
     # sequence number, yields tombstone batches (see datalake/deletes.py). The IO manager calls it
     # after the window's batches, so tombstones land in the same file.
@@ -348,6 +375,7 @@ class Extraction:
             "datalake/zero_dates_nulled": stats.zero_dates,
             "datalake/null_cursor_rows": stats.null_cursor_rows,
             "datalake/batches": stats.batches,
+            "datalake/fetch_rows": self.fetch_rows,
             "datalake/spilled_batches": stats.spilled_batches,
             "datalake/spilled_bytes": stats.spilled_bytes,
             "datalake/seconds": round(stats.seconds, 3),
@@ -376,6 +404,22 @@ class SourceDialect:
                 conn.exec_driver_sql("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").scalar_one()
             )
         return value
+
+    def average_row_bytes(self, conn: sa.Connection, spec: TableSpec) -> int | None:
+        """The source's own estimate of the table's average row length (None: not known)."""
+        if self.name != "mysql":
+            return None
+        try:
+            value = conn.execute(
+                sa.text(
+                    "SELECT AVG_ROW_LENGTH FROM information_schema.TABLES "
+                    "WHERE TABLE_SCHEMA = :schema AND TABLE_NAME = :table"
+                ),
+                {"schema": spec.source_schema, "table": spec.table},
+            ).scalar()
+        except sqlalchemy.exc.DBAPIError:
+            return None
+        return int(value) if value else None
 
     def oldest_open_transaction(self, conn: sa.Connection, log: Callable[[str], None]) -> dt.datetime | None:
         """Start of the oldest open InnoDB transaction, or None (unknown or none open)."""
@@ -424,6 +468,8 @@ class Plan:
     columns: tuple[sa.Column[Any], ...]
     schema: pa.Schema  # source columns + lineage
     window: Window
+    # Estimated bytes per row, for sizing fetches (None: no estimate, and no unbounded columns).
+    row_bytes: int | None = None
 
     @property
     def window_column(self) -> sa.Column[Any] | None:
@@ -499,9 +545,22 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
         )
         for c in columns
     ]
+    row_bytes = SourceDialect(conn.dialect.name).average_row_bytes(conn, spec)
+    if row_bytes is None and any(_unbounded(c.type) for c in columns):
+        row_bytes = UNKNOWN_WIDE_ROW_BYTES
     return Plan(
-        spec=spec, table=table, columns=columns, schema=pa.schema([*fields, *LINEAGE_FIELDS]), window=window
+        spec=spec,
+        table=table,
+        columns=columns,
+        schema=pa.schema([*fields, *LINEAGE_FIELDS]),
+        window=window,
+        row_bytes=row_bytes,
     )
+
+
+def _unbounded(type_: sa.types.TypeEngine[Any]) -> bool:
+    """TEXT, BLOB (strings and binaries without a declared length) and JSON: rows of any width."""
+    return isinstance(type_, sa.JSON) or getattr(type_, "length", 0) is None
 
 
 def extract(
@@ -511,6 +570,7 @@ def extract(
     *,
     run_id: str,
     batch_size: int,
+    batch_bytes: int = 0,
     lag: dt.timedelta = dt.timedelta(0),
     log: Callable[[str], None] = lambda _m: None,
     progress_every: float = 15.0,
@@ -538,9 +598,12 @@ def extract(
         reader="arrow" if arrow_url is not None else "rows",
         run_id=run_id,
         batch_size=batch_size,
+        batch_bytes=batch_bytes,
     )
-    fetch_rows = min(batch_size, ARROW_FETCH_ROWS) if arrow_url is not None else batch_size
-    lineage = Lineage(run_id=run_id, extracted_at=dt.datetime.now(dt.UTC), rows=fetch_rows)
+    fetch_bytes = batch_bytes // FETCHES_PER_ROW_GROUP
+    limit = min(batch_size, ARROW_FETCH_ROWS) if arrow_url is not None else batch_size
+    extraction.fetch_rows = rows_per_fetch(limit, fetch_bytes, plan.row_bytes)
+    lineage = Lineage(run_id=run_id, extracted_at=dt.datetime.now(dt.UTC), rows=extraction.fetch_rows)
 
     def batches(guard_dates: bool) -> Iterator[pa.RecordBatch]:
         with engine.connect() as conn:
@@ -560,12 +623,12 @@ def extract(
                     plan,
                     lo,
                     hi,
-                    fetch_rows,
+                    extraction.fetch_rows,
                     Spill(stats),
                     guard_dates=guard_dates,
                 )
             else:
-                stream = stream_rows(conn, plan, lo, hi, batch_size)
+                stream = stream_rows(conn, plan, lo, hi, batch_size, fetch_bytes, extraction.fetch_rows)
             last_log = time.monotonic()
             for columns, zero_dates in stream:
                 stats.zero_dates += zero_dates
@@ -877,9 +940,20 @@ class Lineage:
 
 
 def stream_rows(
-    conn: sa.Connection, plan: Plan, lo: Any, hi: Any, batch_size: int
+    conn: sa.Connection,
+    plan: Plan,
+    lo: Any,
+    hi: Any,
+    batch_size: int,
+    fetch_bytes: int = 0,
+    first_fetch: int | None = None,
 ) -> Iterator[tuple[list[pa.Array], int]]:
-    """The row reader: a server-side cursor through SQLAlchemy; Python values → Arrow arrays."""
+    """The row reader: a server-side cursor through SQLAlchemy; Python values → Arrow arrays.
+
+    Fetches ``first_fetch`` rows (default: the batch size), then as many as make about
+    ``fetch_bytes`` of Arrow data at the width of the rows read so far (0: always the batch size).
+    The server-side cursor hands over exactly the rows fetched, so wide rows never pile up.
+    """
     dialect = SourceDialect(conn.dialect.name)
     try:
         dialect.begin_snapshot(conn)
@@ -889,8 +963,9 @@ def stream_rows(
             stmt = stmt.where(condition)
         converters = [_converter(f.type) for f in plan.schema][: len(plan.columns)]
         types = [plan.schema.field(i).type for i in range(len(plan.columns))]
-        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
-        for rows in result.partitions(batch_size):
+        result = conn.execution_options(stream_results=True).execute(stmt)
+        size = first_fetch or batch_size
+        while rows := result.fetchmany(size):
             arrays: list[pa.Array] = []
             zero_dates = 0
             for i, values in enumerate(zip(*rows, strict=True)):
@@ -898,5 +973,6 @@ def stream_rows(
                 zero_dates += zero
                 arrays.append(pa.array(cleaned, type=types[i]))
             yield arrays, zero_dates
+            size = rows_per_fetch(batch_size, fetch_bytes, -(-sum(a.nbytes for a in arrays) // len(rows)))
     finally:
         conn.rollback()

@@ -215,7 +215,7 @@ class BronzeIOManager(_LakeRoot):
 def _write_bronze(
     storage: LakeStorage, relative: str, context: dg.OutputContext, obj: Extraction
 ) -> WriteResult:
-    """One row group per ``batch_size`` rows, whatever size the reader's batches are."""
+    """One row group per ``batch_size`` rows or ``batch_bytes``, whatever size the reader's batches are."""
     batches = _with_tombstones(storage, context, obj)
     return write_parquet(
         storage,
@@ -224,6 +224,7 @@ def _write_bronze(
         batches,
         row_group_size=obj.batch_size or None,
         use_dictionary=obj.dictionary_columns,
+        row_group_bytes=obj.batch_bytes or None,
     )
 
 

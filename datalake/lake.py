@@ -181,8 +181,9 @@ class _ParquetSink:
 
     ``row_group_size=None``: each incoming batch is one row group (bronze: one source batch = one
     row group). Otherwise batches are buffered and written in row groups of that many rows, so a
-    stream of small batches does not produce small row groups. The Parquet writer opens with the
-    first row group, so a dictionary rule can look at its rows.
+    stream of small batches does not produce small row groups; with ``row_group_bytes`` a row
+    group also ends once the buffered batches hold that many bytes (wide rows: documents, blobs).
+    The Parquet writer opens with the first row group, so a dictionary rule can look at its rows.
     """
 
     def __init__(
@@ -192,15 +193,18 @@ class _ParquetSink:
         row_group_size: int | None,
         dictionary_pagesize_limit: int | None = None,
         use_dictionary: Dictionary = True,
+        row_group_bytes: int | None = None,
     ):
         self.handle = handle
         self.schema = schema
         self.row_group_size = row_group_size
+        self.row_group_bytes = row_group_bytes
         self.dictionary_pagesize_limit = dictionary_pagesize_limit
         self.use_dictionary = use_dictionary
         self._writer: pq.ParquetWriter | None = None
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
+        self.pending_bytes = 0
         self.rows = 0
         self.row_groups = 0
 
@@ -242,7 +246,10 @@ class _ParquetSink:
             return
         self.pending.append(batch)
         self.pending_rows += batch.num_rows
-        if self.pending_rows >= self.row_group_size:
+        self.pending_bytes += batch.nbytes
+        if self.row_group_bytes and self.pending_bytes >= self.row_group_bytes:
+            self._flush(final=True)  # what is buffered, as one (shorter) row group
+        elif self.pending_rows >= self.row_group_size:
             self._flush(final=False)
 
     def _flush(self, *, final: bool) -> None:
@@ -260,6 +267,7 @@ class _ParquetSink:
         # A copy of just the remainder: slices would keep the whole incoming batches alive.
         self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
+        self.pending_bytes = sum(b.nbytes for b in self.pending)
 
     def flush_pending(self) -> None:
         """Writes what is buffered as a (short) row group now, to free its memory."""
@@ -285,14 +293,18 @@ def write_parquet(
     *,
     row_group_size: int | None = None,
     use_dictionary: Dictionary = True,
+    row_group_bytes: int | None = None,
 ) -> WriteResult:
     """Streams batches into one Parquet file that becomes visible atomically.
 
     ``use_dictionary``: all columns (the default), the columns to dictionary-encode, or a rule
-    that picks them from the first row group.
+    that picks them from the first row group. ``row_group_bytes``: a row group also ends once
+    it holds that many bytes of Arrow data.
     """
     with storage.atomic_writer(relative) as handle:
-        sink = _ParquetSink(handle, schema, row_group_size, use_dictionary=use_dictionary)
+        sink = _ParquetSink(
+            handle, schema, row_group_size, use_dictionary=use_dictionary, row_group_bytes=row_group_bytes
+        )
         try:
             for batch in batches:
                 sink.write(batch)

@@ -140,6 +140,8 @@ class Settings:
     bronze_cron: str
     deletes_cron: str = "45 2 * * *"
     v3_pool: str = "v3_mysql"
+    # Bytes of Arrow data a bronze row group may hold before it is written (wide rows).
+    batch_bytes: int = 32 * 2**20
     # Retries of a bronze step after a source fault (connection lost, lock wait), with back-off.
     bronze_max_retries: int = 3
     bronze_retry_delay_seconds: int = 15
@@ -319,6 +321,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         timezone=timezone,
         extract_lag_seconds=lag,
         batch_size=parse_int("DATALAKE_BATCH_SIZE", 50_000),
+        batch_bytes=parse_int("DATALAKE_BATCH_BYTES", 32 * 2**20),
         registry_path=registry_path,
         bronze_cron=get("DATALAKE_BRONZE_CRON") or "15 * * * *",
         deletes_cron=get("DATALAKE_DELETES_CRON") or "45 2 * * *",

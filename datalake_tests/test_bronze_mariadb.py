@@ -7,6 +7,7 @@ SQLAlchemy/PyMySQL fallback; every test runs through Dagster as a user's run doe
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -254,6 +255,48 @@ def test_row_groups_follow_batch_size_dictionaries_where_values_repeat_and_delta
     assert lake.schema.field("amount").type == pa.decimal128(12, 4)
     assert lake.column("amount").to_pylist()[-1] == Decimal("5.0000")
     assert sorted(lake.column("_datalake_row_seq").to_pylist()) == list(range(50000))
+    # Narrow rows: the byte bound changes nothing, fetches are full size.
+    assert meta(materialization, "datalake/fetch_rows") == (16384 if h.reader == "auto" else 20000)
+
+
+def test_wide_rows_are_read_and_written_in_bounded_bytes(harness: BronzeHarness) -> None:
+    """Documents of 128 KB: fetches and row groups are sized by bytes, not rows; nothing is lost."""
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.docs (id INT PRIMARY KEY, kind VARCHAR(8) NOT NULL, body LONGTEXT NOT NULL,
+            tpl TEXT NOT NULL, raw LONGBLOB NULL, j JSON NULL, updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB"""
+    )
+    h.sql(
+        f"INSERT INTO {SCHEMA}.docs SELECT seq, 'doc', REPEAT(MD5(seq), 4096), REPEAT('t', 4000), UNHEX(REPEAT(MD5(seq), 64)), "
+        f"JSON_OBJECT('n', seq), '2024-05-01' + INTERVAL seq SECOND FROM {SCHEMA}.seq_1_to_120"
+    )
+    h.sql(f"ANALYZE TABLE {SCHEMA}.docs")  # the source's average row length sizes the fetches
+    cap = 2 * 2**20
+    h.register(table="docs", primary_key=["id"], cursor={"column": "updated_at"}, batch_bytes=cap)
+    materialization = h.run("docs")
+    assert meta(materialization, "dagster/row_count") == 120
+    fetch = meta(materialization, "datalake/fetch_rows")
+    # 256 KiB per fetch (an eighth of the bound) at ~130 KB a row; the row reader then adapts
+    assert 1 <= fetch <= 4, fetch
+    assert meta(materialization, "datalake/batches") >= 120 // 4
+    footer = pq.ParquetFile(str(materialization.metadata["dagster/uri"].value)).metadata  # type: ignore[union-attr]
+    sizes = [footer.row_group(i).total_byte_size for i in range(footer.num_row_groups)]
+    assert footer.num_row_groups >= 7, sizes  # ~15.7 MB in row groups of ~2 MiB, not one
+    assert max(sizes) <= cap + 4 * 140_000, sizes  # the bound, overshot by at most one fetch
+    columns = {footer.row_group(0).column(i).path_in_schema: i for i in range(footer.num_columns)}
+    # Wide values are not counted for a dictionary (that copied the sample), even where they
+    # repeat (tpl: one 4 KB text); short columns still are.
+    for name in ("body", "tpl"):
+        assert not any("DICTIONARY" in e for e in footer.row_group(0).column(columns[name]).encodings), name
+    assert any("DICTIONARY" in e for e in footer.row_group(0).column(columns["kind"]).encodings)
+    lake = h.bronze("docs").sort_by("id")
+    expected = h.sql(f"SELECT id, MD5(body), HEX(raw), j FROM {SCHEMA}.docs ORDER BY id")
+    assert lake.column("id").to_pylist() == [r[0] for r in expected]
+    assert [hashlib.md5(b.encode()).hexdigest() for b in lake.column("body").to_pylist()] == [
+        r[1] for r in expected
+    ]
+    assert [b.hex().upper() for b in lake.column("raw").to_pylist()] == [r[2] for r in expected]
+    assert lake.column("j").to_pylist()[0] == expected[0][3]
 
 
 # --- windows and watermarks -------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 
 from datalake.extract import Extraction, ExtractionStats, Window, WindowKind
 from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
-from datalake.lake import DuckDBResource, ParquetPaths, bronze_file
+from datalake.lake import DuckDBResource, ParquetPaths, bronze_file, write_parquet
 from datalake.specs import Cursor, CursorKind, TableSpec
 from datalake.storage import INPROGRESS_MARKER, LakeStorage
 from datalake.watermark import WATERMARK_KEY
@@ -190,6 +190,30 @@ def test_bronze_one_file_per_run_streamed_and_retries_replace_only_their_own(lak
     assert storage.open_read(other).read() == other_bytes
     backfill = _bronze(lake_root, DAYS[1], BronzeRun(batches=[2], incremental=False))
     assert WATERMARK_KEY not in backfill.metadata  # stateless windows commit no watermark
+
+
+def test_row_groups_end_at_the_byte_bound_as_well_as_the_row_count(lake_root: LakeRoot) -> None:
+    storage = _storage(lake_root, "bronze")
+    schema = pa.schema([("id", pa.int64()), ("doc", pa.string())])
+
+    def documents() -> Iterator[pa.RecordBatch]:  # 12 batches of 2 rows, ~200 KB each
+        for i in range(12):
+            yield pa.record_batch(
+                [pa.array([2 * i, 2 * i + 1]), pa.array(["x" * 100_000] * 2)], schema=schema
+            )
+
+    def row_groups(relative: str) -> list[int]:
+        footer = storage.read_metadata(relative)
+        return [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
+
+    write_parquet(
+        storage, "docs/bounded.parquet", schema, documents(), row_group_size=1000, row_group_bytes=450_000
+    )
+    write_parquet(storage, "docs/rows_only.parquet", schema, documents(), row_group_size=1000)
+    assert row_groups("docs/bounded.parquet") == [6, 6, 6, 6]  # three batches reach 450 KB
+    assert row_groups("docs/rows_only.parquet") == [24]
+    table = pq.read_table(storage.reader_path("docs/bounded.parquet"), filesystem=storage.fs)
+    assert table.column("id").to_pylist() == list(range(24))
 
 
 def test_bronze_loads_frames_by_annotation(lake_root: LakeRoot) -> None:

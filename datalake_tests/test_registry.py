@@ -57,6 +57,7 @@ def test_integer_cursor_table_has_a_date_column() -> None:
             "required for an integer cursor",
         ),
         ({**GOOD, "batch_size": 0}, "batch_size", "greater than 0"),
+        ({**GOOD, "batch_bytes": -1}, "batch_bytes", "greater than 0"),
         ({**GOOD, "null_cursor": "maybe"}, "null_cursor", "capture"),
         ({**GOOD, "exclude_columns": ["invoice_id"]}, "exclude_columns", "primary-key"),
     ],

@@ -64,6 +64,8 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
     [
         ("DATALAKE_BATCH_SIZE", "lots"),
         ("DATALAKE_BATCH_SIZE", "0"),
+        ("DATALAKE_BATCH_BYTES", "0"),
+        ("DATALAKE_BATCH_BYTES", "32MB"),
         ("DATALAKE_TIMEZONE", "Mars/Olympus"),
         ("DATALAKE_PARTITION_START", "01/02/2024"),
         ("DATALAKE_EXTRACT_LAG_SECONDS", "-1"),

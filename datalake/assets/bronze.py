@@ -111,6 +111,7 @@ def _needed_date_guards(instance: dg.DagsterInstance, key: dg.AssetKey) -> bool:
 
 def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:
     batch_size = spec.batch_size or settings.batch_size
+    batch_bytes = spec.batch_bytes or settings.batch_bytes
     key = dg.AssetKey(["bronze", spec.asset_name])
 
     @dg.asset(
@@ -129,6 +130,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             "datalake/mode": spec.mode.value,
             "datalake/cursor": f"{spec.cursor.column} ({spec.cursor.kind.value})" if spec.cursor else "",
             "datalake/batch_size": batch_size,
+            "datalake/batch_bytes": batch_bytes,
         },
         tags={"datalake/source": "v3"},
     )
@@ -158,6 +160,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             window,
             run_id=context.run.run_id,
             batch_size=batch_size,
+            batch_bytes=batch_bytes,
             lag=dt.timedelta(seconds=settings.extract_lag_seconds),
             log=context.log.info,
             source=v3_source.describe(),

@@ -77,10 +77,13 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float,
     return out, wall, usage.ru_maxrss / 1024
 
 
-def tool(name: str, url: str, schema: str, table: str, work: Path) -> Measure:
+def tool(
+    name: str, url: str, schema: str, table: str, work: Path, env: dict[str, str] | None = None
+) -> Measure:
     out_dir = work / f"{name}-{table}"
     out, wall, rss = _run(
-        [sys.executable, "-m", "bench.extract_tools", name, url, schema, table, str(out_dir)]
+        [sys.executable, "-m", "bench.extract_tools", name, url, schema, table, str(out_dir)],
+        env={**os.environ, **env} if env else None,
     )
     result = json.loads(out.strip().splitlines()[-1])
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -41,9 +41,9 @@ def project(url: str, schema: str, table: str, out: Path) -> Extraction:
                     {
                         "schema": schema,
                         "table": table,
-                        "primary_key": ["cdr_id"],
-                        "cursor": {"column": "cdr_id", "kind": "integer"},
-                        "date_column": "created_at",
+                        "primary_key": [os.environ.get("BENCH_KEY", "cdr_id")],
+                        "cursor": {"column": os.environ.get("BENCH_KEY", "cdr_id"), "kind": "integer"},
+                        "date_column": os.environ.get("BENCH_DATE_COLUMN", "created_at"),
                         "batch_size": int(os.environ.get("BENCH_BATCH_SIZE", "100000")),
                     }
                 ]

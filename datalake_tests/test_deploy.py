@@ -624,6 +624,44 @@ def test_run_launcher_blocks_fit_the_instance_schema(tmp_path: Path) -> None:
         assert config["run_launcher"]["class"] in {"DockerRunLauncher", "K8sRunLauncher"}
 
 
+def _env_file(text: str) -> dict[str, str]:
+    """NAME=value lines, as Docker's --env-file reads them (comments and blanks skipped)."""
+    return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z][A-Z0-9_]*=", line))
+
+
+def test_docker_run_launcher_forwards_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run container has only the forwarded names and the image's ENV: every setting the code
+    location reads must be forwarded, and dagster-docker's own resolution of the names must succeed
+    with the env file made from .env.example (it refuses a listed name that is not set at all)."""
+    from dagster._core.utils import parse_env_var
+
+    from datalake.settings import GROUPS
+
+    source = (REPO / "datalake" / "settings.py").read_text()
+    read = set(re.findall(r'"(DATALAKE_[A-Z0-9_]*[A-Z0-9])"', source)) | {
+        f"DATALAKE_ROOT_{g.upper()}" for g in GROUPS
+    }
+    settings = {name for name in read if not name.startswith("DATALAKE_DEMO_")}  # local demo only
+    assert {"DATALAKE_TIMEZONE", "DATALAKE_AZURE_SAS_TOKEN", "DATALAKE_ROOT_BRONZE"} <= settings
+    example = _env_file((REPO / ".env.example").read_text())
+    assert read <= set(example), sorted(read - set(example))  # .env.example documents every one
+
+    block = yaml.safe_load((REPO / "deploy" / "run-launcher-docker.yaml").read_text())
+    forwarded = block["run_launcher"]["config"]["env_vars"]
+    missing = settings | {n for n in example if n.startswith("DAGSTER_PG_")}
+    assert not missing - set(forwarded), sorted(missing - set(forwarded))
+
+    for name in [n for n in os.environ if n.startswith(("DATALAKE_", "DAGSTER_"))]:
+        monkeypatch.delenv(name)
+    for name, value in example.items():
+        monkeypatch.setenv(name, value)
+    container = dict(parse_env_var(name) for name in forwarded)  # what the run container gets
+    assert container["DATALAKE_MYSQL_SSL_CA"] == ""  # empty: unset to the code location
+    monkeypatch.delenv("DATALAKE_MYSQL_SSL_CA")
+    with pytest.raises(Exception, match="DATALAKE_MYSQL_SSL_CA"):
+        dict(parse_env_var(name) for name in forwarded)
+
+
 def _insert_cdrs(engine: sa.Engine, rows: int) -> None:
     """New calls on the source: copies of the first ``rows`` CDRs with fresh ids and creation times."""
     from datalake.demo.schema import billing_cdr

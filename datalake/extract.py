@@ -545,9 +545,7 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
         )
         for c in columns
     ]
-    row_bytes = SourceDialect(conn.dialect.name).average_row_bytes(conn, spec)
-    if row_bytes is None and any(_unbounded(c.type) for c in columns):
-        row_bytes = UNKNOWN_WIDE_ROW_BYTES
+    row_bytes = _row_bytes(SourceDialect(conn.dialect.name).average_row_bytes(conn, spec), columns)
     return Plan(
         spec=spec,
         table=table,
@@ -561,6 +559,21 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
 def _unbounded(type_: sa.types.TypeEngine[Any]) -> bool:
     """TEXT, BLOB (strings and binaries without a declared length) and JSON: rows of any width."""
     return isinstance(type_, sa.JSON) or getattr(type_, "length", 0) is None
+
+
+def _row_bytes(average: int | None, columns: tuple[sa.Column[Any], ...]) -> int | None:
+    """The width of a row as read, for sizing fetches.
+
+    The source's average covers every column of the table, excluded ones too (a blob left out
+    by ``exclude_columns`` would shrink every fetch to a few rows); where all extracted columns
+    have a declared size, their widest row bounds it. With TEXT, BLOB or JSON among them and no
+    average known, a row is taken to be UNKNOWN_WIDE_ROW_BYTES wide.
+    """
+    if any(_unbounded(c.type) for c in columns):
+        return average or UNKNOWN_WIDE_ROW_BYTES
+    # Declared sizes: characters at up to 4 bytes (utf8mb4), anything else at most 32 bytes.
+    widest = sum(4 * int(getattr(c.type, "length", 0) or 0) or 32 for c in columns)
+    return min(average, widest) if average else None
 
 
 def extract(

@@ -298,6 +298,21 @@ def test_wide_rows_are_read_and_written_in_bounded_bytes(harness: BronzeHarness)
     assert [b.hex().upper() for b in lake.column("raw").to_pylist()] == [r[2] for r in expected]
     assert lake.column("j").to_pylist()[0] == expected[0][3]
 
+    # The same table with its wide columns excluded reads in full-size fetches: the source's
+    # average row length counts them, the declared sizes of what is read bound it.
+    h.sql(f"CREATE TABLE {SCHEMA}.docs_meta LIKE {SCHEMA}.docs")
+    h.sql(f"INSERT INTO {SCHEMA}.docs_meta SELECT * FROM {SCHEMA}.docs")
+    h.sql(f"ANALYZE TABLE {SCHEMA}.docs_meta")
+    h.register(
+        table="docs_meta",
+        primary_key=["id"],
+        cursor={"column": "updated_at"},
+        exclude_columns=["body", "tpl", "raw", "j"],
+    )
+    narrow = h.run("docs_meta")
+    assert meta(narrow, "dagster/row_count") == 120
+    assert meta(narrow, "datalake/fetch_rows") >= 16384
+
 
 # --- windows and watermarks -------------------------------------------------------------
 

@@ -33,6 +33,7 @@ def project(url: str, schema: str, table: str, out: Path) -> Extraction:
 
     parts = urlsplit(url)
     ca = parse_qs(parts.query).get("ssl_ca", [""])[0]  # verified TLS (BENCH_EXTRACT_TLS)
+    key = os.environ.get("BENCH_KEY", "cdr_id")  # another table's integer key (bench wide)
     registry = out / "registry.yaml"
     registry.write_text(
         yaml.safe_dump(
@@ -41,8 +42,8 @@ def project(url: str, schema: str, table: str, out: Path) -> Extraction:
                     {
                         "schema": schema,
                         "table": table,
-                        "primary_key": [os.environ.get("BENCH_KEY", "cdr_id")],
-                        "cursor": {"column": os.environ.get("BENCH_KEY", "cdr_id"), "kind": "integer"},
+                        "primary_key": [key],
+                        "cursor": {"column": key, "kind": "integer"},
                         "date_column": os.environ.get("BENCH_DATE_COLUMN", "created_at"),
                         "batch_size": int(os.environ.get("BENCH_BATCH_SIZE", "100000")),
                     }

@@ -601,6 +601,8 @@ def extract(
     with engine.connect() as conn:
         plan = plan_extraction(conn, spec, window)
     stats = ExtractionStats()
+    fetch_bytes = batch_bytes // FETCHES_PER_ROW_GROUP
+    limit = min(batch_size, ARROW_FETCH_ROWS) if arrow_url is not None else batch_size
     extraction = Extraction(
         spec=spec,
         schema=plan.schema,
@@ -612,10 +614,8 @@ def extract(
         run_id=run_id,
         batch_size=batch_size,
         batch_bytes=batch_bytes,
+        fetch_rows=rows_per_fetch(limit, fetch_bytes, plan.row_bytes),
     )
-    fetch_bytes = batch_bytes // FETCHES_PER_ROW_GROUP
-    limit = min(batch_size, ARROW_FETCH_ROWS) if arrow_url is not None else batch_size
-    extraction.fetch_rows = rows_per_fetch(limit, fetch_bytes, plan.row_bytes)
     lineage = Lineage(run_id=run_id, extracted_at=dt.datetime.now(dt.UTC), rows=extraction.fetch_rows)
 
     def batches(guard_dates: bool) -> Iterator[pa.RecordBatch]:

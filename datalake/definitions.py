@@ -80,11 +80,19 @@ def build_resources(settings: Settings) -> dict[str, object]:
     return {
         "v3_source": source_resource(settings),
         "watermarks": WatermarkResource(),
-        "duckdb_resource": DuckDBResource(),
+        "duckdb_resource": DuckDBResource(
+            memory_limit=settings.duckdb.memory_limit,
+            threads=settings.duckdb.threads,
+            temp_directory=settings.duckdb.temp_directory,
+        ),
         **extra,
         "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=azure),
-        "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"], azure=azure),
-        "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"], azure=azure),
+        "silver_io_manager": ParquetIOManager(
+            root=roots["silver_io_manager"], azure=azure, row_group_bytes=settings.batch_bytes
+        ),
+        "revsci_io_manager": ParquetIOManager(
+            root=roots["revsci_io_manager"], azure=azure, row_group_bytes=settings.batch_bytes
+        ),
         # Reads each upstream where its own IO manager (by role) wrote it.
         "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots, azure=azure),
     }

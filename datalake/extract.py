@@ -40,6 +40,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.dialects import mysql
 
+from datalake.lake import FETCHES_PER_ROW_GROUP, rows_per_fetch
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
 
 RUN_ID_COLUMN = "_datalake_run_id"
@@ -67,21 +68,9 @@ DATE_GUARDS_KEY = "datalake/date_guards"
 # fetches peaked ~40 MB higher on the benchmark's CDR table, for ~6% less decoding CPU). The bronze
 # writer groups fetches into row groups of the spec's batch size.
 ARROW_FETCH_ROWS = 16_384
-# Rows count for nothing when they are wide (TEXT, BLOB, JSON): a row group also ends once it
-# holds the spec's batch_bytes of Arrow data (DATALAKE_BATCH_BYTES), and every reader fetch is
-# sized to at most this share of that, from the table's average row length. So a table of 500 KB
-# documents is read a few rows at a time, and a narrow one in full-size fetches.
-FETCHES_PER_ROW_GROUP = 8
 # The row width assumed for a table with unbounded columns (TEXT, BLOB, JSON) whose average row
 # length the source does not know (no statistics yet).
 UNKNOWN_WIDE_ROW_BYTES = 64 * 1024
-
-
-def rows_per_fetch(limit: int, fetch_bytes: int, row_bytes: int | None) -> int:
-    """Rows per fetch: at most ``limit``, and about ``fetch_bytes`` of rows ``row_bytes`` wide."""
-    if not row_bytes or fetch_bytes <= 0:
-        return limit
-    return max(1, min(limit, fetch_bytes // row_bytes))
 
 
 class ExtractionError(RuntimeError):

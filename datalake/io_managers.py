@@ -29,6 +29,7 @@ from pydantic import Field
 
 from datalake.extract import Extraction, NeedsDateGuards
 from datalake.lake import (
+    DEFAULT_ROW_GROUP_BYTES,
     DEFAULT_ROW_GROUP_SIZE,
     PARTITION_COLUMN_KEY,
     ParquetPaths,
@@ -37,6 +38,7 @@ from datalake.lake import (
     WriteResult,
     asset_file,
     asset_prefix,
+    average_row_bytes,
     bronze_file,
     bronze_partition_of,
     bronze_prefix,
@@ -289,14 +291,62 @@ def _paths(
     keys: tuple[str, ...] | None,
 ) -> ParquetPaths:
     # Schema from the mapped files when there are any, else from any file of the asset, else metadata.
-    schema = resolve_schema(storage, context, files or all_files)
-    return ParquetPaths(
+    candidates = files or all_files
+    row_bytes = None
+    if candidates:
+        schema, footer = storage.read_footer(candidates[-1])
+        row_bytes = average_row_bytes(footer)
+    else:
+        schema = resolve_schema(storage, context, candidates)
+    paths = ParquetPaths(
         asset_key=context.asset_key,
         files=tuple(storage.reader_path(f) for f in files),
         schema=schema,
         partition_keys=keys,
         filesystem=storage.fs if storage.root.is_azure else None,
+        row_bytes=row_bytes,
     )
+    STEP_INPUT_WIDTHS.record(context, paths)
+    return paths
+
+
+class _StepInputWidths:
+    """The average row width of the path inputs each step loaded, to size reads of its outputs.
+
+    A DuckDB relation does not say how wide its rows are before it runs. The step's inputs do
+    (their files' footers), and a projection, filter or join of them is at most as wide as they
+    are together. The input manager and the step's IO manager run in the same process; entries
+    are kept per (run, step) for the step's outputs, for a bounded number of recent steps.
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._widths: collections.OrderedDict[tuple[str, str], dict[str, int]] = collections.OrderedDict()
+
+    def record(self, context: dg.InputContext, paths: ParquetPaths) -> None:
+        try:
+            step = context.step_context
+        except Exception:  # a bare InputContext (direct call): no step to remember it for
+            return
+        if paths.row_bytes is None:
+            return
+        key = (step.run_id, step.step.key)
+        self._widths.setdefault(key, {})[context.name or ""] = paths.row_bytes
+        self._widths.move_to_end(key)
+        while len(self._widths) > self.LIMIT:
+            self._widths.popitem(last=False)
+
+    def total(self, context: dg.OutputContext) -> int | None:
+        try:
+            key = (context.run_id, context.step_key)
+        except Exception:  # a bare OutputContext
+            return None
+        widths = self._widths.get(key)
+        return sum(widths.values()) if widths else None
+
+
+STEP_INPUT_WIDTHS = _StepInputWidths()
 
 
 # --- silver, Rev-Sci, dimensions ------------------------------------------------------
@@ -314,29 +364,35 @@ class ParquetIOManager(_LakeRoot):
     """
 
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE
+    # A row group also ends at this many bytes of Arrow data (wide rows); reads of a DuckDB output
+    # are sized to an eighth of it from the width of the step's path inputs.
+    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         storage = self.storage()
         name = _asset_name(context.asset_key)
+        bounds = {
+            "row_group_size": self.row_group_size,
+            "row_group_bytes": self.row_group_bytes,
+            "row_bytes": STEP_INPUT_WIDTHS.total(context),
+        }
         if not context.has_asset_partitions:
-            written = write_output(storage, asset_file(name, None), obj, row_group_size=self.row_group_size)
+            written = write_output(storage, asset_file(name, None), obj, **bounds)
             context.add_output_metadata(output_metadata(written))
             return
         keys = list(context.asset_partition_keys)
         files = {key: asset_file(name, key) for key in keys}
         column = context.definition_metadata.get(PARTITION_COLUMN_KEY)
         if isinstance(obj, Mapping):
-            results = self._write_dict(storage, files, obj)
+            results = self._write_dict(storage, files, obj, bounds)
         elif column:
             assigner = PartitionAssigner.for_partitions(context.asset_partitions_def, keys, str(column))
             try:
-                results = write_partitions(storage, files, obj, assigner, row_group_size=self.row_group_size)
+                results = write_partitions(storage, files, obj, assigner, **bounds)
             except PartitionMismatch as exc:
                 raise dg.Failure(f"{context.asset_key.to_user_string()}: {exc}; nothing was written") from exc
         elif len(keys) == 1:
-            results = {
-                keys[0]: write_output(storage, files[keys[0]], obj, row_group_size=self.row_group_size)
-            }
+            results = {keys[0]: write_output(storage, files[keys[0]], obj, **bounds)}
         else:
             raise dg.Failure(
                 f"{context.asset_key.to_user_string()} returned one output for {len(keys)} partitions: "
@@ -346,21 +402,20 @@ class ParquetIOManager(_LakeRoot):
         _record(context, results)
 
     def _write_dict(
-        self, storage: LakeStorage, files: Mapping[str, str], obj: Mapping[Any, Any]
+        self,
+        storage: LakeStorage,
+        files: Mapping[str, str],
+        obj: Mapping[Any, Any],
+        bounds: Mapping[str, Any],
     ) -> dict[str, WriteResult]:
         unknown = sorted(str(k) for k in obj if k not in files)
         if unknown:
             raise dg.Failure(f"partition keys {unknown} are not targeted by this run")
-        results = {
-            key: write_output(storage, files[key], value, row_group_size=self.row_group_size)
-            for key, value in obj.items()
-        }
+        results = {key: write_output(storage, files[key], value, **bounds) for key, value in obj.items()}
         schema = next((r.schema for r in results.values() if r.schema is not None), None)
         for key in files:
             if key not in results and schema is not None:
-                results[key] = write_output(
-                    storage, files[key], schema.empty_table(), row_group_size=self.row_group_size
-                )
+                results[key] = write_output(storage, files[key], schema.empty_table(), **bounds)
         return results
 
     def load_input(self, context: dg.InputContext) -> Any:

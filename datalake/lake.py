@@ -10,6 +10,7 @@ Every file is zstd-compressed with statistics and appears atomically (``LakeStor
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datalake.settings import default_duckdb_spill_directory
 from datalake.storage import LakeStorage, safe_segment
 
 # polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
@@ -53,6 +55,53 @@ DEFAULT_ROW_GROUP_SIZE = 122_880  # DuckDB's row-group size: good pruning granul
 # of a single-run range backfill be split into one file per partition.
 PARTITION_COLUMN_KEY = "datalake/partition_column"
 COMPRESSION = "zstd"
+# Rows count for nothing when they are wide (TEXT, BLOB, JSON): a row group of a lake file also
+# ends once it holds ``batch_bytes`` of Arrow data (DATALAKE_BATCH_BYTES; bronze: the spec's), and
+# every read that feeds a writer (a source fetch, a batch from DuckDB) is sized to at most this
+# share of that. So 500 KB documents are read a few rows at a time, and narrow rows in full batches.
+FETCHES_PER_ROW_GROUP = 8
+DEFAULT_ROW_GROUP_BYTES = 32 * 2**20
+# DuckDB types of one fixed width (at most 16 bytes in Arrow); any other type (VARCHAR, BLOB,
+# LIST, STRUCT, UUID — a string in Arrow …) varies per row.
+_FIXED_WIDTH_TYPES = frozenset(
+    {
+        *("boolean", "tinyint", "smallint", "integer", "bigint", "hugeint", "float", "double", "decimal"),
+        *("utinyint", "usmallint", "uinteger", "ubigint", "uhugeint", "interval"),
+        *("date", "time", "time_ns", "time with time zone", "timestamp with time zone"),
+        *("timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns"),
+    }
+)
+FIXED_COLUMN_BYTES = 16
+# Rows per batch read from a DuckDB relation whose variable-width columns have no known width:
+# one DuckDB vector.
+DUCKDB_VECTOR_ROWS = 2048
+
+
+def rows_per_fetch(limit: int, fetch_bytes: int, row_bytes: int | None) -> int:
+    """Rows per fetch: at most ``limit``, and about ``fetch_bytes`` of rows ``row_bytes`` wide."""
+    if not row_bytes or fetch_bytes <= 0:
+        return limit
+    return max(1, min(limit, fetch_bytes // row_bytes))
+
+
+def relation_batch_rows(
+    relation: duckdb.DuckDBPyRelation, row_group_size: int, row_group_bytes: int | None, row_bytes: int | None
+) -> int:
+    """Rows per Arrow batch read from a DuckDB relation: about an eighth of a row group's bytes.
+
+    Fixed-width columns have a known width. Variable-width ones take ``row_bytes``, the average
+    row of the query's inputs (their Parquet footers; an upper bound for a projection or a join
+    of them); without it, one DuckDB vector is read at a time.
+    """
+    if not row_group_bytes:
+        return row_group_size
+    types = [str(t.id) for t in relation.types]
+    width = FIXED_COLUMN_BYTES * len(types)
+    if any(t not in _FIXED_WIDTH_TYPES for t in types):
+        if not row_bytes:
+            return min(row_group_size, DUCKDB_VECTOR_ROWS)
+        width = max(width, row_bytes)
+    return rows_per_fetch(row_group_size, row_group_bytes // FETCHES_PER_ROW_GROUP, width)
 
 
 # --- layout ------------------------------------------------------------------------
@@ -322,8 +371,20 @@ def write_parquet(
     )
 
 
-def write_output(storage: LakeStorage, relative: str, obj: Any, *, row_group_size: int) -> WriteResult:
-    """Any supported output into one file, streamed: a LazyFrame is sunk, never collected."""
+def write_output(
+    storage: LakeStorage,
+    relative: str,
+    obj: Any,
+    *,
+    row_group_size: int,
+    row_group_bytes: int | None = None,
+    row_bytes: int | None = None,
+) -> WriteResult:
+    """Any supported output into one file, streamed: a LazyFrame is sunk, never collected.
+
+    Row groups end at ``row_group_size`` rows or ``row_group_bytes`` of Arrow data (polars' own
+    sink counts rows only). ``row_bytes``: the average input row, which sizes DuckDB reads.
+    """
     if loaded_instance(obj, "polars", "LazyFrame", "DataFrame"):
         with storage.atomic_writer(relative) as handle:
             if loaded_instance(obj, "polars", "LazyFrame"):
@@ -343,8 +404,10 @@ def write_output(storage: LakeStorage, relative: str, obj: Any, *, row_group_siz
             bytes=storage.size(relative),
             schema=footer.schema.to_arrow_schema(),
         )
-    schema, batches = record_batches(obj, row_group_size)
-    return write_parquet(storage, relative, schema, batches, row_group_size=row_group_size)
+    schema, batches = record_batches(obj, row_group_size, row_group_bytes, row_bytes)
+    return write_parquet(
+        storage, relative, schema, batches, row_group_size=row_group_size, row_group_bytes=row_group_bytes
+    )
 
 
 # Row groups a range split may hold in memory across all partitions before it writes short ones.
@@ -440,6 +503,8 @@ def write_partitions(
     assigner: PartitionAssigner,
     *,
     row_group_size: int,
+    row_group_bytes: int | None = None,
+    row_bytes: int | None = None,
 ) -> dict[str, WriteResult]:
     """One streaming pass over a range output into one file per partition (``files``: key → path).
 
@@ -447,20 +512,28 @@ def write_partitions(
     rows gets an empty file with the output's schema. Files are committed together at the end, and
     none if anything fails (a row outside the range, a read error).
 
-    Memory: each partition buffers up to one row group. When the buffers together pass
-    ``PENDING_ROW_GROUPS`` row groups, the fullest idle ones are written as short row groups — for
-    output ordered by partition (the usual case) only the partition being filled stays buffered.
-    Each open partition file costs about 1 MB more (its writer's encoders).
+    Memory: each partition buffers up to one row group (``row_group_size`` rows or
+    ``row_group_bytes``). When the buffers together pass ``PENDING_ROW_GROUPS`` row groups (in rows
+    or in bytes), the fullest idle ones are written as short row groups — for output ordered by
+    partition (the usual case) only the partition being filled stays buffered. Each open
+    partition file costs about 1 MB more (its writer's encoders).
     """
-    schema, batches = record_batches(obj, row_group_size)
+    schema, batches = record_batches(obj, row_group_size, row_group_bytes, row_bytes)
     keys = assigner.keys
     sinks: dict[int, _ParquetSink] = {}
     budget = PENDING_ROW_GROUPS * row_group_size
+    byte_budget = PENDING_ROW_GROUPS * row_group_bytes if row_group_bytes else None
+
+    def over_budget(rows: int, size: int) -> bool:
+        return rows > budget or (byte_budget is not None and size > byte_budget)
+
     with contextlib.ExitStack() as stack:
 
         def open_sink(i: int) -> _ParquetSink:
             handle = stack.enter_context(storage.atomic_writer(files[keys[i]]))
-            sink = _ParquetSink(handle, schema, row_group_size, SPLIT_DICTIONARY_PAGE_LIMIT)
+            sink = _ParquetSink(
+                handle, schema, row_group_size, SPLIT_DICTIONARY_PAGE_LIMIT, row_group_bytes=row_group_bytes
+            )
 
             def finish(exc_type: Any, exc: Any, tb: Any) -> bool:
                 if exc_type is None:
@@ -483,14 +556,16 @@ def write_partitions(
                     sinks[i] = open_sink(i)
                 sinks[i].write(part)
             pending = sum(sink.pending_rows for sink in sinks.values())
-            if pending > budget:
+            pending_bytes = sum(sink.pending_bytes for sink in sinks.values())
+            if over_budget(pending, pending_bytes):
                 # The partition just written to keeps its buffer; the fullest others write theirs.
                 idle = [sink for i, sink in sinks.items() if i != present[-1]]
-                idle.sort(key=lambda sink: sink.pending_rows, reverse=True)
+                idle.sort(key=lambda sink: (sink.pending_bytes, sink.pending_rows), reverse=True)
                 for sink in idle:
                     pending -= sink.pending_rows
+                    pending_bytes -= sink.pending_bytes
                     sink.flush_pending()
-                    if pending <= budget:
+                    if not over_budget(pending, pending_bytes):
                         break
         for i in range(len(keys)):
             if i not in sinks:
@@ -506,6 +581,14 @@ def write_partitions(
         )
         for i, sink in sorted(sinks.items())
     }
+
+
+def average_row_bytes(footer: pq.FileMetaData) -> int | None:
+    """A file's uncompressed bytes per row (its column chunks), or None without rows."""
+    if not footer.num_rows:
+        return None
+    total = sum(footer.row_group(i).total_byte_size for i in range(footer.num_row_groups))
+    return max(1, -(-total // footer.num_rows))
 
 
 def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[str, Any]:
@@ -528,7 +611,12 @@ def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[
 
 
 class DuckDBResource(dg.ConfigurableResource):
-    """In-process DuckDB for silver and gold: one connection per asset execution."""
+    """In-process DuckDB for silver and gold: one connection per asset execution.
+
+    What a query needs beyond ``memory_limit`` (a sort or window over a large input) spills to
+    ``temp_directory`` (default: ``datalake-duckdb`` in the system's temp directory, not DuckDB's
+    ``.tmp`` in the working directory, which a container user often cannot create).
+    """
 
     memory_limit: str = "2GB"
     threads: int | None = None
@@ -537,11 +625,11 @@ class DuckDBResource(dg.ConfigurableResource):
     def connect(self) -> duckdb.DuckDBPyConnection:
         import duckdb
 
-        config: dict[str, Any] = {"memory_limit": self.memory_limit}
+        spill = self.temp_directory or default_duckdb_spill_directory()
+        os.makedirs(spill, exist_ok=True)  # DuckDB creates the last level only
+        config: dict[str, Any] = {"memory_limit": self.memory_limit, "temp_directory": spill}
         if self.threads:
             config["threads"] = self.threads
-        if self.temp_directory:
-            config["temp_directory"] = self.temp_directory
         return duckdb.connect(config=config)
 
 
@@ -561,6 +649,8 @@ class ParquetPaths:
     schema: pa.Schema
     partition_keys: tuple[str, ...] | None = None
     filesystem: fsspec.AbstractFileSystem | None = field(default=None, compare=False)
+    # Average bytes of a row (uncompressed, from the newest file's footer): sizes what reads the output.
+    row_bytes: int | None = field(default=None, compare=False)
 
     @property
     def is_empty(self) -> bool:
@@ -584,11 +674,18 @@ class ParquetPaths:
 
 
 def record_batches(
-    obj: Any, batch_rows: int = DEFAULT_ROW_GROUP_SIZE
+    obj: Any,
+    batch_rows: int = DEFAULT_ROW_GROUP_SIZE,
+    row_group_bytes: int | None = None,
+    row_bytes: int | None = None,
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Any supported output as (schema, stream of record batches), without collecting it whole."""
+    """Any supported output as (schema, stream of record batches), without collecting it whole.
+
+    A DuckDB relation is read in batches of at most ``batch_rows`` that hold about an eighth of
+    ``row_group_bytes`` (see ``relation_batch_rows``).
+    """
     if loaded_instance(obj, "duckdb", "DuckDBPyRelation"):
-        reader = obj.to_arrow_reader(batch_rows)
+        reader = obj.to_arrow_reader(relation_batch_rows(obj, batch_rows, row_group_bytes, row_bytes))
         return reader.schema, iter(reader)
     if loaded_instance(obj, "polars", "LazyFrame"):
         import polars as pl

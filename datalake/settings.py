@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -126,6 +128,30 @@ class AzureSettings:
         return self.has_account_key or self.has_sas_token or self.use_default_credential
 
 
+# DuckDB's own size syntax: "2GB", "512MiB", "1.5 GB" or a share of the RAM, "75%".
+_DUCKDB_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B|%)$", re.IGNORECASE)
+
+
+def default_duckdb_spill_directory() -> str:
+    """Where DuckDB spills what exceeds its memory limit, unless DATALAKE_DUCKDB_TEMP_DIRECTORY says.
+
+    DuckDB's own default is ``.tmp`` in the working directory, which a container's non-root user
+    usually cannot create (the image's is root-owned): a silver query larger than the memory
+    limit then fails instead of spilling. DuckDB names its spill files per process, so runs
+    can share the directory.
+    """
+    return os.path.join(tempfile.gettempdir(), "datalake-duckdb")
+
+
+@dataclass(frozen=True)
+class DuckDBSettings:
+    """The in-process DuckDB of silver and gold (one connection per asset execution)."""
+
+    memory_limit: str = "2GB"
+    threads: int | None = None  # None: DuckDB's default, one per core
+    temp_directory: str = field(default_factory=default_duckdb_spill_directory)
+
+
 @dataclass(frozen=True)
 class Settings:
     environment: Environment
@@ -150,6 +176,7 @@ class Settings:
     # Whether the bronze schedule and the automation sensor start running when the code location
     # is first loaded (prod) or wait to be switched on in the UI (local).
     automation_running: bool = False
+    duckdb: DuckDBSettings = field(default_factory=DuckDBSettings)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def root(self, group: str) -> str:
@@ -312,6 +339,21 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if not registry_path.is_file():
         problems["DATALAKE_REGISTRY"] = f"no such file: {registry_path}"
 
+    # --- DuckDB (silver, gold) -------------------------------------------------------
+    memory_limit = get("DATALAKE_DUCKDB_MEMORY_LIMIT") or "2GB"
+    if not _DUCKDB_SIZE.fullmatch(memory_limit):
+        problems["DATALAKE_DUCKDB_MEMORY_LIMIT"] = (
+            f"must be a size like 2GB, 512MiB or 75%, got {memory_limit!r}"
+        )
+    spill = get("DATALAKE_DUCKDB_TEMP_DIRECTORY") or default_duckdb_spill_directory()
+    if not os.path.isabs(spill):
+        problems["DATALAKE_DUCKDB_TEMP_DIRECTORY"] = f"must be an absolute path, got {spill!r}"
+    duckdb = DuckDBSettings(
+        memory_limit=memory_limit,
+        threads=parse_int("DATALAKE_DUCKDB_THREADS", 0) or None,
+        temp_directory=spill,
+    )
+
     settings = Settings(
         environment=environment,
         source=source,
@@ -330,6 +372,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         bronze_retry_delay_seconds=parse_int("DATALAKE_BRONZE_RETRY_DELAY_SECONDS", 15, minimum=0),
         bronze_freshness_hours=parse_float("DATALAKE_BRONZE_FRESHNESS_HOURS", 3.0),
         automation_running=automation_running,
+        duckdb=duckdb,
     )
     if problems:
         raise SettingsError(environment.value, problems)

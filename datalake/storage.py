@@ -172,6 +172,12 @@ class LakeStorage:
         with self.open_read(relative) as handle:
             return pq.read_metadata(handle)
 
+    def read_footer(self, relative: str) -> tuple[pa.Schema, pq.FileMetaData]:
+        """The Arrow schema and the Parquet footer, from one read of the file's end."""
+        with self.open_read(relative) as handle:
+            parquet = pq.ParquetFile(handle)
+            return parquet.schema_arrow, parquet.metadata
+
     def read_schema(self, relative: str) -> pa.Schema:
         with self.open_read(relative) as handle:
             return pq.read_schema(handle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
         ("DATALAKE_PARTITION_START", "01/02/2024"),
         ("DATALAKE_EXTRACT_LAG_SECONDS", "-1"),
         ("DATALAKE_REGISTRY", "/no/such/registry.yaml"),
+        ("DATALAKE_DUCKDB_MEMORY_LIMIT", "lots"),
+        ("DATALAKE_DUCKDB_MEMORY_LIMIT", "2 gigs"),
+        ("DATALAKE_DUCKDB_THREADS", "0"),
+        ("DATALAKE_DUCKDB_TEMP_DIRECTORY", "spill"),
     ],
 )
 def test_invalid_values_are_named(variable: str, value: str) -> None:
@@ -182,3 +187,35 @@ def test_tls_mode_defaults(env: dict[str, str], mode: str) -> None:
     settings = resolve_settings({**_MYSQL, **env})
     assert settings.source.mysql is not None
     assert settings.source.mysql.ssl_mode == mode
+
+
+@pytest.mark.parametrize("limit", ["2GB", "512MiB", "1.5 GB", "300mb", "75%"])
+def test_duckdb_settings_reach_the_resource_and_duckdb_accepts_them(limit: str, tmp_path: Path) -> None:
+    """What the resolver accepts, DuckDB accepts too (a connection is opened with it)."""
+    from datalake.lake import DuckDBResource
+
+    settings = resolve_settings(
+        {
+            "DATALAKE_DUCKDB_MEMORY_LIMIT": limit,
+            "DATALAKE_DUCKDB_THREADS": "1",
+            "DATALAKE_DUCKDB_TEMP_DIRECTORY": str(tmp_path / "spill"),
+        }
+    )
+    resource = (build_definitions(settings).resources or {})["duckdb_resource"]
+    assert isinstance(resource, DuckDBResource)
+    assert (resource.memory_limit, resource.threads, resource.temp_directory) == (
+        limit,
+        1,
+        str(tmp_path / "spill"),
+    )
+    con = resource.connect()
+    assert con.sql("SELECT current_setting('threads')").fetchall() == [(1,)]
+    assert con.sql("SELECT current_setting('temp_directory')").fetchall() == [(str(tmp_path / "spill"),)]
+
+
+def test_duckdb_spills_under_the_system_temp_directory_by_default() -> None:
+    import tempfile
+
+    settings = resolve_settings({})
+    assert settings.duckdb.temp_directory == os.path.join(tempfile.gettempdir(), "datalake-duckdb")
+    assert (settings.duckdb.memory_limit, settings.duckdb.threads) == ("2GB", None)

@@ -64,7 +64,8 @@ class Measure:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
+    """Runs a command; returns (stdout, wall seconds, the child's peak RSS in MB)."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     # wait4 gives this child's own rusage: its peak RSS, not the bench process's.
@@ -78,16 +79,29 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float,
 
 
 def tool(
-    name: str, url: str, schema: str, table: str, work: Path, env: dict[str, str] | None = None
+    name: str,
+    url: str,
+    schema: str,
+    table: str,
+    work: Path,
+    env: dict[str, str] | None = None,
+    *,
+    keep: bool = False,
 ) -> Measure:
-    out_dir = work / f"{name}-{table}"
-    out, wall, rss = _run(
+    """One tool's extraction in its own process; ``keep``: leave its output in ``out_dir(...)``."""
+    out_dir = tool_out_dir(name, table, work)
+    out, wall, rss = run_measured(
         [sys.executable, "-m", "bench.extract_tools", name, url, schema, table, str(out_dir)],
         env={**os.environ, **env} if env else None,
     )
     result = json.loads(out.strip().splitlines()[-1])
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return Measure(name, int(result["rows"]), float(result["seconds"]), wall, rss)
+
+
+def tool_out_dir(name: str, table: str, work: Path) -> Path:
+    return work / f"{name}-{table}"
 
 
 def raw_client(server: MariaDBServer, schema: str, table: str, ca: Path | None) -> Measure:

@@ -340,7 +340,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         problems["DATALAKE_REGISTRY"] = f"no such file: {registry_path}"
 
     # --- DuckDB (silver, gold) -------------------------------------------------------
-    memory_limit = get("DATALAKE_DUCKDB_MEMORY_LIMIT") or "2GB"
+    memory_limit = get("DATALAKE_DUCKDB_MEMORY_LIMIT") or DuckDBSettings.memory_limit
     if not _DUCKDB_SIZE.fullmatch(memory_limit):
         problems["DATALAKE_DUCKDB_MEMORY_LIMIT"] = (
             f"must be a size like 2GB, 512MiB or 75%, got {memory_limit!r}"

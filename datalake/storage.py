@@ -179,8 +179,7 @@ class LakeStorage:
             return parquet.schema_arrow, parquet.metadata
 
     def read_schema(self, relative: str) -> pa.Schema:
-        with self.open_read(relative) as handle:
-            return pq.read_schema(handle)
+        return self.read_footer(relative)[0]
 
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):

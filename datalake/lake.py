@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalake.settings import default_duckdb_spill_directory
-from datalake.storage import LakeStorage, safe_segment
+from datalake.storage import LakeStorage, ProtocolAlias, safe_segment
 
 # polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
 # together they are ~40 MB of a run worker's memory.
@@ -641,7 +641,9 @@ class ParquetPaths:
     Parquet scan (row groups are skipped by their statistics). Columns are unified by name across
     files (a column added later reads as NULL in older files). No files gives an empty relation
     with the upstream's schema. On Azure the handle carries the fsspec filesystem DuckDB reads
-    through; it is registered on the connection the first time.
+    through (``files`` are ``abfs://container/path`` on it); it is registered on the connection
+    the first time, under a protocol of its own, so inputs on several storage accounts can be
+    read by one connection.
     """
 
     asset_key: dg.AssetKey
@@ -659,12 +661,17 @@ class ParquetPaths:
     def relation(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
         if not self.files:
             return con.from_arrow(self.schema.empty_table())
+        files = list(self.files)
         if self.filesystem is not None:
-            with contextlib.suppress(Exception):  # already registered on this connection
-                con.register_filesystem(self.filesystem)
+            # DuckDB routes paths to a registered filesystem by protocol: each filesystem (one per
+            # root, so per storage account and credential) is registered under one of its own.
+            protocol = f"datalake{id(self.filesystem):x}"
+            if not con.filesystem_is_registered(protocol):
+                con.register_filesystem(ProtocolAlias(self.filesystem, protocol))
+            files = [f"{protocol}://{f.split('://', 1)[1]}" for f in files]
         # hive_partitioning off: the files' own columns are the schema, the same whether or not
         # any file exists (bronze paths carry ingestion_date=… directories).
-        return con.read_parquet(list(self.files), union_by_name=True, hive_partitioning=False)
+        return con.read_parquet(files, union_by_name=True, hive_partitioning=False)
 
     def view(self, con: duckdb.DuckDBPyConnection, name: str) -> duckdb.DuckDBPyRelation:
         """Registers the input under ``name`` for use in SQL text, and returns it."""

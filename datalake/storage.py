@@ -67,6 +67,51 @@ class AzureAccess(dg.ConfigurableResource):
         raise NotImplementedError
 
 
+class ProtocolAlias(fsspec.AbstractFileSystem):
+    """A filesystem under a protocol of its own: ``<protocol>://container/path`` is
+    ``container/path`` on ``fs``. Read-only: what DuckDB calls to scan files.
+
+    DuckDB picks a registered fsspec filesystem by a path's protocol alone, and every adlfs
+    filesystem is ``abfs``: one connection reading roots on two storage accounts would read both
+    through whichever was registered first. An alias per filesystem keeps them apart.
+    """
+
+    cachable = False  # one per wrapped filesystem; fsspec's instance cache would tokenize ``fs``
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, protocol: str):
+        super().__init__()
+        self.fs = fs
+        self.protocol = (protocol,)  # what DuckDB reads; fsspec's own stripping is overridden below
+        self._prefix = f"{protocol}://"
+
+    def inner(self, path: str) -> str:
+        return path[len(self._prefix) :] if path.startswith(self._prefix) else path
+
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: int | None = None,
+        autocommit: bool = True,
+        cache_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if mode != "rb":
+            raise PermissionError(f"{self._prefix} paths are read-only")
+        return self.fs.open(
+            self.inner(path), mode, block_size=block_size, cache_options=cache_options, **kwargs
+        )
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self.fs.info(self.inner(path), **kwargs)
+
+    def modified(self, path: str) -> Any:
+        return self.fs.modified(self.inner(path))
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        return self.fs.exists(self.inner(path), **kwargs)
+
+
 @dataclass(frozen=True)
 class StorageRoot:
     """A parsed root URL."""

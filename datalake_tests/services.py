@@ -23,7 +23,9 @@ and the functions can be used from scripts or benchmarks as well.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import glob
 import os
 import pwd
@@ -54,6 +56,9 @@ AZURITE_ACCOUNT_NAME = "devstoreaccount1"
 AZURITE_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
+# A second account on the same emulator: lake roots on two storage accounts (test-only key).
+AZURITE_SECOND_ACCOUNT_NAME = "lakeaccount2"
+AZURITE_SECOND_ACCOUNT_KEY = base64.b64encode(b"datalake-tests-second-account-key-0123456789").decode()
 
 # Linux limits AF_UNIX socket paths to 108 bytes including the NUL; servers fail
 # with obscure errors past it, so long base dirs get a short socket dir instead.
@@ -220,6 +225,7 @@ def _spawn(
     cwd: Path,
     run_as: str | None = None,
     death_signal: signal.Signals = signal.SIGTERM,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         try:
@@ -230,6 +236,7 @@ def _spawn(
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
                 start_new_session=True,
+                env=None if env is None else {**os.environ, **env},
             )
         except OSError as exc:
             raise ServiceStartError(f"cannot run {argv[0]}: {exc}") from exc
@@ -724,7 +731,7 @@ def start_postgres(base_dir: Path, *, timeout: float = 60.0) -> PostgresServer:
 
 @dataclass(kw_only=True)
 class AzuriteServer(ManagedServer):
-    """A private Azurite blob service with the well-known development account."""
+    """A private Azurite blob service with the well-known development account (and a second one)."""
 
     blob_port: int
     location: Path
@@ -740,6 +747,12 @@ class AzuriteServer(ManagedServer):
         return (
             f"DefaultEndpointsProtocol=http;AccountName={self.account_name};"
             f"AccountKey={self.account_key};BlobEndpoint={self.blob_endpoint};"
+        )
+
+    def second_account(self) -> AzuriteServer:
+        """The same emulator seen as its second storage account."""
+        return dataclasses.replace(
+            self, account_name=AZURITE_SECOND_ACCOUNT_NAME, account_key=AZURITE_SECOND_ACCOUNT_KEY
         )
 
 
@@ -779,6 +792,11 @@ def start_azurite(base_dir: Path, *, timeout: float = 60.0) -> AzuriteServer:
         ],
         log_path=log_path,
         cwd=root,
+        # Setting accounts replaces the default one, so it is listed too.
+        env={
+            "AZURITE_ACCOUNTS": f"{AZURITE_ACCOUNT_NAME}:{AZURITE_ACCOUNT_KEY};"
+            f"{AZURITE_SECOND_ACCOUNT_NAME}:{AZURITE_SECOND_ACCOUNT_KEY}"
+        },
     )
 
     def build() -> AzuriteServer:

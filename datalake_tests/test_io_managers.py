@@ -31,7 +31,16 @@ from datalake.specs import Cursor, CursorKind, TableSpec
 from datalake.storage import INPROGRESS_MARKER, LakeStorage
 from datalake.watermark import WATERMARK_KEY
 from datalake_tests.helpers import REPO
-from datalake_tests.lake_roots import ROOT_KINDS, LakeRoot, make_root
+from datalake_tests.lake_roots import (
+    CONTAINER,
+    ROOT_KINDS,
+    LakeRoot,
+    azure_url,
+    ensure_container,
+    key_resource,
+    make_root,
+)
+from datalake_tests.services import AzuriteServer
 
 
 @pytest.fixture(params=ROOT_KINDS)
@@ -544,6 +553,57 @@ def test_path_input_manager_hands_one_range_or_all_partitions(lake_root: LakeRoo
     assert "Filters:" in plan and "id=3" in plan.replace(" ", "")
     if lake_root.kind == "azure":
         assert all(f.startswith("abfs://") for f in seen["all"]["files"])
+
+
+@pytest.mark.azurite
+def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(azurite_server: AzuriteServer) -> None:
+    """One step reads a root on each of two storage accounts, with one DuckDB connection.
+
+    The roots have the same container and prefix; only the account tells them apart, and the
+    first account also holds a table of the second one's name. DuckDB picks a registered
+    filesystem by the path's protocol alone, so if both roots were read as ``abfs://`` the second
+    input would silently be read from the first account.
+    """
+    accounts = {"a": azurite_server, "b": azurite_server.second_account()}
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    azure = {side: key_resource(server) for side, server in accounts.items()}
+    roots = {side: azure_url(server, prefix) for side, server in accounts.items()}
+    for server in accounts.values():
+        ensure_container(server)
+    schema = pa.schema([("source", pa.string()), ("value", pa.int64())])
+    for side, table, source, value in (("a", "a", "a", 1), ("a", "b", "decoy", 9), ("b", "b", "b", 2)):
+        write_parquet(
+            LakeStorage(roots[side], azure[side]),
+            f"totals_{table}/totals_{table}.parquet",
+            schema,
+            [pa.record_batch({"source": [source] * value, "value": [value] * value}, schema=schema)],
+        )
+    upstream = [dg.AssetSpec(key=f"totals_{side}") for side in accounts]  # the default role: io_manager
+    seen: dict[str, Any] = {}
+
+    @dg.asset(
+        ins={side: dg.AssetIn(key=f"totals_{side}", input_manager_key=f"paths_{side}") for side in accounts},
+        io_manager_key="out_io_manager",
+    )
+    def both(a: ParquetPaths, b: ParquetPaths, duckdb_resource: DuckDBResource) -> pl.DataFrame:
+        con = duckdb_resource.connect()
+        for side, paths in (("a", a), ("b", b)):
+            seen[side] = (paths.files, paths.relation(con).fetchall())
+        return pl.DataFrame({"n": [1]})
+
+    resources: dict[str, Any] = {
+        f"paths_{side}": DuckDBPathInputManager(roots={"io_manager": roots[side]}, azure=azure[side])
+        for side in accounts
+    }
+    resources |= {
+        "out_io_manager": dg.InMemoryIOManager(),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    assert dg.materialize([*upstream, both], selection=[both], resources=resources).success
+    assert seen["a"][1] == [("a", 1)]
+    assert seen["b"][1] == [("b", 2), ("b", 2)]
+    # What the handle shows is the account-free URL (what fsspec and polars take with the filesystem).
+    assert seen["b"][0] == (f"abfs://{CONTAINER}/{prefix}/totals_b/totals_b.parquet",)
 
 
 def test_empty_and_never_materialized_upstreams_give_empty_inputs_with_schema(

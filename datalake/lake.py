@@ -630,7 +630,12 @@ class DuckDBResource(dg.ConfigurableResource):
         config: dict[str, Any] = {"memory_limit": self.memory_limit, "temp_directory": spill}
         if self.threads:
             config["threads"] = self.threads
-        return duckdb.connect(config=config)
+        con = duckdb.connect(config=config)
+        # A step binds its input files more than once (the view, then each query over it): parse
+        # each footer once. Entries are checked against the file's modification time, and the
+        # cache lives as long as this step's connection.
+        con.execute("SET parquet_metadata_cache = true")
+        return con
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 
@@ -196,6 +197,22 @@ def test_duckdb_resource_settings_apply() -> None:
     limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
     assert "488" in limit or "512" in limit or "MiB" in limit
     assert duckdb.__version__.startswith("2.")
+    assert con.execute("SELECT current_setting('parquet_metadata_cache')").fetchall() == [(True,)]
+
+
+def test_duckdb_metadata_cache_never_serves_a_replaced_files_footer(tmp_path: Path) -> None:
+    """The connection caches Parquet footers; a file replaced at the same path (a retry of the
+    same run rewrites its own bronze file) is read anew, columns and rows."""
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": [1, 2]}), path)
+    con = DuckDBResource(memory_limit="512MB").connect()
+    assert con.read_parquet(str(path)).fetchall() == [(1,), (2,)]
+    time.sleep(0.01)  # a later modification time, even on coarse-grained clocks
+    pq.write_table(pa.table({"id": [3, 4, 5], "note": ["a", "b", "c"]}), tmp_path / "t.new")
+    os.replace(tmp_path / "t.new", path)
+    relation = con.read_parquet(str(path))
+    assert relation.columns == ["id", "note"]
+    assert relation.fetchall() == [(3, "a"), (4, "b"), (5, "c")]
 
 
 def test_bronze_freshness_check_passes_when_fresh_and_fails_when_stale(demo, tmp_path: Path) -> None:

@@ -668,8 +668,8 @@ class ParquetPaths:
             return con.from_arrow(self.schema.empty_table())
         files = list(self.files)
         if self.filesystem is not None:
-            # DuckDB routes paths to a registered filesystem by protocol: each filesystem (one per
-            # root, so per storage account and credential) is registered under one of its own.
+            # DuckDB routes paths to a registered filesystem by protocol alone: each input's
+            # filesystem (its root's account and credential) is registered under one of its own.
             protocol = f"datalake{id(self.filesystem):x}"
             if not con.filesystem_is_registered(protocol):
                 con.register_filesystem(ProtocolAlias(self.filesystem, protocol))

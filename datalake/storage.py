@@ -81,7 +81,7 @@ class ProtocolAlias(fsspec.AbstractFileSystem):
     def __init__(self, fs: fsspec.AbstractFileSystem, protocol: str):
         super().__init__()
         self.fs = fs
-        self.protocol = (protocol,)  # what DuckDB reads; fsspec's own stripping is overridden below
+        self.protocol = (protocol,)  # what DuckDB routes by; ``inner`` strips it for ``fs``
         self._prefix = f"{protocol}://"
 
     def inner(self, path: str) -> str:

@@ -191,6 +191,21 @@ def _root_var(group: str) -> str:
     return f"DATALAKE_ROOT_{group.upper()}"
 
 
+def _root_problem(url: str) -> str | None:
+    """What is wrong with a storage root URL, checked when the settings load (not at the first write)."""
+    from datalake.storage import parse_root
+
+    try:
+        root = parse_root(url)
+    except ValueError as exc:
+        return str(exc)
+    local = url.removeprefix("file://") if root.scheme == "file" else None
+    if local is not None and not os.path.isabs(local):
+        # The code server and every run worker would each resolve it from their own working directory.
+        return f"a local or NFS root must be an absolute path, got {url!r}"
+    return None
+
+
 def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings for the environment named by ``DATALAKE_ENV``.
 
@@ -289,6 +304,9 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for group in GROUPS:
         value = require(_root_var(group))
         roots[group] = value or str(REPO_ROOT / "tmp" / "dagster_data" / group)
+        problem = _root_problem(roots[group])
+        if problem:
+            problems[_root_var(group)] = problem
 
     azure = AzureSettings(
         has_account_key=get(AZURE_ACCOUNT_KEY_VAR) is not None,

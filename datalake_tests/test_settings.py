@@ -83,6 +83,32 @@ def test_invalid_values_are_named(variable: str, value: str) -> None:
     assert set(info.value.problems) == {variable}
 
 
+@pytest.mark.parametrize(
+    ("root", "message"),
+    [
+        ("s3://bucket/lake", "unsupported storage root"),
+        ("abfs://@acct.dfs.core.windows.net/lake", "names no container"),
+        ("tmp/lake", "absolute path"),
+        ("file://tmp/lake", "absolute path"),
+    ],
+)
+def test_bad_storage_roots_are_named_when_settings_load(root: str, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        resolve_settings({"DATALAKE_ROOT_SILVER": root, "DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL": "true"})
+    assert set(info.value.problems) == {"DATALAKE_ROOT_SILVER"}
+    assert message in info.value.problems["DATALAKE_ROOT_SILVER"]
+
+
+@pytest.mark.parametrize(
+    "root", ["/srv/lake/silver", "file:///srv/lake/silver", "abfs://lake@acct.dfs.core.windows.net/silver"]
+)
+def test_good_storage_roots_load(root: str) -> None:
+    settings = resolve_settings(
+        {"DATALAKE_ROOT_SILVER": root, "DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL": "true"}
+    )
+    assert settings.root("silver") == root
+
+
 def test_unknown_environment_is_rejected() -> None:
     with pytest.raises(SettingsError, match="DATALAKE_ENV"):
         resolve_settings({"DATALAKE_ENV": "staging"})

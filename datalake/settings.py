@@ -21,7 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+if TYPE_CHECKING:
+    from datalake.storage import StorageRoot
 
 # Asset groups. Each group has its own storage root.
 BRONZE = "bronze"
@@ -191,19 +195,15 @@ def _root_var(group: str) -> str:
     return f"DATALAKE_ROOT_{group.upper()}"
 
 
-def _root_problem(url: str) -> str | None:
-    """What is wrong with a storage root URL, checked when the settings load (not at the first write)."""
+def _storage_root(url: str) -> StorageRoot:
+    """The parsed root, checked when the settings load (not at the first write): ValueError says why not."""
     from datalake.storage import parse_root
 
-    try:
-        root = parse_root(url)
-    except ValueError as exc:
-        return str(exc)
-    local = url.removeprefix("file://") if root.scheme == "file" else None
-    if local is not None and not os.path.isabs(local):
+    root = parse_root(url)
+    if not root.is_azure and not os.path.isabs(url.removeprefix("file://")):
         # The code server and every run worker would each resolve it from their own working directory.
-        return f"a local or NFS root must be an absolute path, got {url!r}"
-    return None
+        raise ValueError(f"a local or NFS root must be an absolute path, got {url!r}")
+    return root
 
 
 def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -301,12 +301,15 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     # --- storage ------------------------------------------------------------------
     roots: dict[str, str] = {}
+    azure_groups: list[str] = []
     for group in GROUPS:
         value = require(_root_var(group))
         roots[group] = value or str(REPO_ROOT / "tmp" / "dagster_data" / group)
-        problem = _root_problem(roots[group])
-        if problem:
-            problems[_root_var(group)] = problem
+        try:
+            if _storage_root(roots[group]).is_azure:
+                azure_groups.append(group)
+        except ValueError as exc:
+            problems[_root_var(group)] = str(exc)
 
     azure = AzureSettings(
         has_account_key=get(AZURE_ACCOUNT_KEY_VAR) is not None,
@@ -315,7 +318,6 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         in {"1", "true", "yes"},
         blob_endpoint=get("DATALAKE_AZURE_BLOB_ENDPOINT"),
     )
-    azure_groups = [g for g in GROUPS if roots[g].startswith(("abfs://", "abfss://", "az://"))]
     if azure_groups and not azure.configured:
         problems[AZURE_ACCOUNT_KEY_VAR] = (
             f"root(s) of {', '.join(azure_groups)} are on Azure: set {AZURE_ACCOUNT_KEY_VAR}, "

@@ -6,13 +6,14 @@ falls back to DefaultAzureCredential), so local and NFS deployments never load t
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 from urllib.parse import urlparse
 
 import dagster as dg
 import fsspec
 from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from datalake.settings import AZURE_ACCOUNT_KEY_VAR, AZURE_SAS_TOKEN_VAR, Settings
 from datalake.storage import AZURE_BLOCK_SIZE, AzureAccess
@@ -32,6 +33,10 @@ class AzureBlobResource(AzureAccess):
 
     ``blob_endpoint`` overrides ``https://<account>.blob.core.windows.net`` — for the Azurite
     emulator (``http://127.0.0.1:10000/devstoreaccount1``) or a sovereign cloud.
+
+    One filesystem per account for the resource's life (a run, or a step in its own process):
+    every input, output and listing on that account shares its client and its credential, so a
+    step with several inputs fetches one token (DefaultAzureCredential), not one per input.
     """
 
     # DefaultAzureCredential (managed identity, workload identity, az login) unless a key or SAS is given.
@@ -40,6 +45,8 @@ class AzureBlobResource(AzureAccess):
     )
     blob_endpoint: str | None = None
     account_name: str | None = None
+    _filesystems: dict[str, fsspec.AbstractFileSystem] = PrivateAttr(default_factory=dict)
+    _filesystems_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def account(self, root_account: str | None) -> str:
         account = (
@@ -61,12 +68,24 @@ class AzureBlobResource(AzureAccess):
         return None
 
     def filesystem(self, root_account: str | None = None) -> fsspec.AbstractFileSystem:
-        """An adlfs filesystem on the blob endpoint (writes, listings, DuckDB reads)."""
+        """The adlfs filesystem of the root's account on the blob endpoint (writes, listings, DuckDB reads)."""
+        account = self.account(root_account)
+        with self._filesystems_lock:
+            if account not in self._filesystems:
+                self._filesystems[account] = self._new_filesystem(account)
+            return self._filesystems[account]
+
+    def _new_filesystem(self, account: str) -> fsspec.AbstractFileSystem:
         import adlfs  # imported lazily: the azure SDK is slow to import and local runs don't need it
 
-        account = self.account(root_account)
         credential = self.credential
-        kwargs: dict[str, Any] = {"account_name": account, "blocksize": AZURE_BLOCK_SIZE}
+        kwargs: dict[str, Any] = {
+            "account_name": account,
+            "blocksize": AZURE_BLOCK_SIZE,
+            # Shared by every reader and writer of the account for the resource's life: a cached
+            # listing would hide files other runs commit meanwhile.
+            "use_listings_cache": False,
+        }
         endpoint = self.blob_endpoint.rstrip("/") if self.blob_endpoint else None
         if endpoint and not isinstance(credential, ADLS2DefaultAzureCredential):
             # A custom endpoint with a key or SAS: the connection string is the only adlfs input
@@ -93,7 +112,8 @@ class AzureBlobResource(AzureAccess):
                 if parsed.scheme != "https":
                     raise ValueError("DefaultAzureCredential needs an https blob endpoint")
                 kwargs["account_host"] = parsed.netloc + parsed.path
-        # skip_instance_cache: credentials differ per resource; never share a cached client.
+        # skip_instance_cache: fsspec's process-wide cache keys by arguments, and this resource's
+        # credential is its own; the resource caches its filesystems itself (``filesystem``).
         return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)
 
     def polars_storage_options(self, root_account: str | None = None) -> dict[str, str]:

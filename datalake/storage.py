@@ -188,7 +188,8 @@ class LakeStorage:
     def list_files(self, prefix: str, suffix: str = ".parquet") -> list[str]:
         """Relative paths of visible files under ``prefix`` (recursive), sorted."""
         base = self.path(prefix)
-        # adlfs caches listings per instance; another process may have committed files since.
+        # A filesystem that caches listings may have cached this one before another process
+        # committed files (the lake's Azure filesystems are made without that cache).
         self.fs.invalidate_cache()
         try:
             found = self.fs.find(base)

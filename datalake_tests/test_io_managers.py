@@ -606,6 +606,45 @@ def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(azurite_ser
     assert seen["b"][0] == (f"abfs://{CONTAINER}/{prefix}/totals_b/totals_b.parquet",)
 
 
+@pytest.mark.azurite
+def test_path_inputs_on_one_account_share_its_filesystem(azurite_server: AzuriteServer) -> None:
+    """Inputs on one account get its one filesystem (one client, one token) and one DuckDB alias."""
+    ensure_container(azurite_server)
+    azure = key_resource(azurite_server)
+    root = azure_url(azurite_server, f"t-{uuid.uuid4().hex[:12]}")
+    schema = pa.schema([("value", pa.int64())])
+    for name, rows in (("x", 1), ("y", 2)):
+        write_parquet(
+            LakeStorage(root, azure),
+            f"{name}/{name}.parquet",
+            schema,
+            [pa.record_batch({"value": [rows] * rows}, schema=schema)],
+        )
+    seen: dict[str, Any] = {}
+
+    @dg.asset(
+        ins={name: dg.AssetIn(key=name, input_manager_key="paths") for name in ("x", "y")},
+        io_manager_key="out_io_manager",
+    )
+    def both(x: ParquetPaths, y: ParquetPaths, duckdb_resource: DuckDBResource) -> pl.DataFrame:
+        con = duckdb_resource.connect()
+        seen["rows"] = [paths.relation(con).aggregate("count(*)").fetchall()[0][0] for paths in (x, y)]
+        seen["shared"] = x.filesystem is not None and x.filesystem is y.filesystem
+        seen["registered"] = con.list_filesystems()
+        return pl.DataFrame({"n": [1]})
+
+    resources = {
+        "paths": DuckDBPathInputManager(roots={"io_manager": root}, azure=azure),
+        "out_io_manager": dg.InMemoryIOManager(),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    upstream = [dg.AssetSpec(key=name) for name in ("x", "y")]
+    assert dg.materialize([*upstream, both], selection=[both], resources=resources).success
+    assert seen["rows"] == [1, 2]
+    assert seen["shared"]
+    assert len(seen["registered"]) == 1
+
+
 def test_empty_and_never_materialized_upstreams_give_empty_inputs_with_schema(
     lake_root: LakeRoot, tmp_path: Path
 ) -> None:

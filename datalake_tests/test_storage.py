@@ -30,6 +30,7 @@ from datalake_tests.lake_roots import (
     LakeRoot,
     azure_url,
     ensure_container,
+    key_resource,
     make_root,
     sas_resource,
 )
@@ -204,6 +205,42 @@ def _uncommitted_blocks(server: AzuriteServer, path: str) -> int:
     )
     _committed, uncommitted = client.get_block_list("uncommitted")
     return len(uncommitted)
+
+
+@pytest.mark.azurite
+def test_roots_on_one_account_share_a_filesystem_that_keeps_no_listings(
+    azurite_server: AzuriteServer,
+) -> None:
+    """One client (and credential) per account for the resource's life, never a stale listing.
+
+    Every root on an account gets the resource's one filesystem, so a step with several inputs
+    and an output authenticates once. Being shared, it must not answer from a listing it made
+    earlier: a file another process commits afterwards is found by the next read and listing.
+    """
+    ensure_container(azurite_server)
+    azure = key_resource(azurite_server)
+    prefix = f"shared-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"
+    silver = LakeStorage(azure_url(azurite_server, f"{prefix}/silver"), azure)
+    gold = LakeStorage(azure_url(azurite_server, f"{prefix}/gold"), azure)
+    assert silver.fs is gold.fs
+    assert azure.filesystem(azurite_server.second_account().account_name) is not silver.fs
+
+    _write(silver, "t/a.parquet", _table(2))
+    assert silver.list_files("t/") == ["t/a.parquet"]
+    # A directory listing through the shared filesystem (pyarrow's dataset discovery, a glob).
+    assert [p.rsplit("/", 1)[-1] for p in silver.fs.ls(silver.path("t"))] == ["a.parquet"]
+    assert not silver.exists("t/b.parquet")
+    # Another process (its own resource and filesystem) commits a file into the listed directory.
+    _write(
+        LakeStorage(azure_url(azurite_server, f"{prefix}/silver"), key_resource(azurite_server)),
+        "t/b.parquet",
+        _table(3),
+    )
+    # Opening the file asks for its size first (what DuckDB's and pyarrow's reads do): from a
+    # kept listing of t/ that would be "no such file".
+    assert _read(silver, "t/b.parquet").num_rows == 3
+    assert gold.fs.info(silver.path("t/b.parquet"))["size"] > 0
+    assert silver.list_files("t/") == ["t/a.parquet", "t/b.parquet"]
 
 
 @pytest.mark.azurite

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datalake.azure import AzureBlobResource
+from datalake.lake import DuckDBResource, ParquetPaths
 from datalake.storage import INPROGRESS_MARKER, LakeStorage, is_visible_name, parse_root
 from datalake_tests.helpers import REPO
 from datalake_tests.lake_roots import (
@@ -241,6 +243,50 @@ def test_roots_on_one_account_share_a_filesystem_that_keeps_no_listings(
     assert _read(silver, "t/b.parquet").num_rows == 3
     assert gold.fs.info(silver.path("t/b.parquet"))["size"] > 0
     assert silver.list_files("t/") == ["t/a.parquet", "t/b.parquet"]
+
+
+@pytest.mark.azurite
+def test_duckdb_fetches_only_the_column_chunks_it_reads(
+    azurite_server: AzuriteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A projection over an Azure file transfers its column chunks, not the rest of the file.
+
+    The small column comes first in the file and a ~4 MB one after it; a read-ahead cache would
+    fetch from the small chunk on to the end of the file.
+    """
+    import adlfs.spec
+    import dagster as dg
+
+    fetched: list[int] = []
+    fetch_range = adlfs.spec.AzureBlobFile._fetch_range
+
+    def counting(self: adlfs.spec.AzureBlobFile, start: int, end: int | None = None, **kwargs: object) -> Any:
+        data = fetch_range(self, start, end, **kwargs)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(adlfs.spec.AzureBlobFile, "_fetch_range", counting)
+    ensure_container(azurite_server)
+    storage = LakeStorage(
+        azure_url(azurite_server, f"chunks-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"),
+        key_resource(azurite_server),
+    )
+    rows = 2_000
+    table = pa.table(
+        {"small": pa.array(range(rows), pa.int64()), "big": [os.urandom(2_000) for _ in range(rows)]}
+    )
+    _write(storage, "t/a.parquet", table)
+    size = storage.size("t/a.parquet")
+    assert size > 3_000_000
+    paths = ParquetPaths(
+        asset_key=dg.AssetKey("t"),
+        files=(storage.reader_path("t/a.parquet"),),
+        schema=table.schema,
+        filesystem=storage.fs,
+    )
+    con = DuckDBResource(memory_limit="1GB").connect()
+    assert paths.relation(con).aggregate("sum(small)").fetchall() == [(sum(range(rows)),)]
+    assert 0 < sum(fetched) < 100_000, f"{sum(fetched):,} bytes fetched of a {size:,}-byte file"
 
 
 @pytest.mark.azurite

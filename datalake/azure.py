@@ -7,7 +7,7 @@ falls back to DefaultAzureCredential), so local and NFS deployments never load t
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import dagster as dg
@@ -16,7 +16,7 @@ from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SAST
 from pydantic import Field, PrivateAttr
 
 from datalake.settings import AZURE_ACCOUNT_KEY_VAR, AZURE_SAS_TOKEN_VAR, Settings
-from datalake.storage import AZURE_BLOCK_SIZE, AzureAccess
+from datalake.storage import AZURE_BLOCK_SIZE, ArrowReads, AzureAccess
 
 
 def _account_from_endpoint(endpoint: str) -> str | None:
@@ -37,6 +37,12 @@ class AzureBlobResource(AzureAccess):
     One filesystem per account for the resource's life (a run, or a step in its own process):
     every input, output and listing on that account shares its client and its credential, so a
     step with several inputs fetches one token (DefaultAzureCredential), not one per input.
+
+    DuckDB reads through Arrow's C++ Azure client (``duckdb_reader="arrow"``, see
+    ``storage.ArrowReads``) with the same credential, where it can take it: an account key, a SAS,
+    or DefaultAzureCredential without Python-SDK options, on the default endpoint or a path-style
+    one (``http://host:port/<account>``, the emulator). Otherwise, or with ``"adlfs"``, it reads
+    through the adlfs filesystem.
     """
 
     # DefaultAzureCredential (managed identity, workload identity, az login) unless a key or SAS is given.
@@ -45,8 +51,10 @@ class AzureBlobResource(AzureAccess):
     )
     blob_endpoint: str | None = None
     account_name: str | None = None
+    duckdb_reader: Literal["arrow", "adlfs"] = "arrow"
     _filesystems: dict[str, fsspec.AbstractFileSystem] = PrivateAttr(default_factory=dict)
-    _filesystems_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _scan_filesystems: dict[str, fsspec.AbstractFileSystem] = PrivateAttr(default_factory=dict)
+    _filesystems_lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
 
     def account(self, root_account: str | None) -> str:
         account = (
@@ -74,6 +82,40 @@ class AzureBlobResource(AzureAccess):
             if account not in self._filesystems:
                 self._filesystems[account] = self._new_filesystem(account)
             return self._filesystems[account]
+
+    def scan_filesystem(self, root_account: str | None = None) -> fsspec.AbstractFileSystem:
+        """What DuckDB reads the account's files through: Arrow's Azure client where it can be used."""
+        account = self.account(root_account)
+        with self._filesystems_lock:
+            if account not in self._scan_filesystems:
+                arrow = self._arrow_filesystem(account) if self.duckdb_reader == "arrow" else None
+                self._scan_filesystems[account] = ArrowReads(arrow) if arrow else self.filesystem(account)
+            return self._scan_filesystems[account]
+
+    def _arrow_filesystem(self, account: str) -> Any:
+        """pyarrow's AzureFileSystem with this resource's credential, or None where it cannot take it."""
+        try:
+            from pyarrow.fs import AzureFileSystem
+        except ImportError:  # a pyarrow build without Azure
+            return None
+        credential = self.credential
+        kwargs: dict[str, Any] = {}
+        if isinstance(credential, ADLS2Key) and credential.key:
+            kwargs["account_key"] = credential.key
+        elif isinstance(credential, ADLS2SASToken) and self._sas():
+            # Arrow appends the token to the account URL as given: with its '?' (or it becomes a path).
+            kwargs["sas_token"] = f"?{self._sas()}"
+        elif not isinstance(credential, ADLS2DefaultAzureCredential) or credential.kwargs:
+            return None  # DefaultAzureCredential options are the Python SDK's; Arrow's C++ chain has none
+        if self.blob_endpoint:
+            endpoint = urlparse(self.blob_endpoint)
+            if not endpoint.path.strip("/"):
+                return None  # https://<account>.blob.<cloud>: Arrow would need the suffix alone
+            # Path-style (emulator): Arrow addresses <scheme>://<authority>/<account>/.
+            for service in ("blob", "dfs"):
+                kwargs[f"{service}_storage_authority"] = endpoint.netloc
+                kwargs[f"{service}_storage_scheme"] = endpoint.scheme
+        return AzureFileSystem(account, **kwargs)
 
     def _new_filesystem(self, account: str) -> fsspec.AbstractFileSystem:
         import adlfs  # imported lazily: the azure SDK is slow to import and local runs don't need it
@@ -145,4 +187,8 @@ def azure_resource(settings: Settings) -> AzureBlobResource:
         credential = ADLS2Key(key=dg.EnvVar(AZURE_ACCOUNT_KEY_VAR))  # type: ignore[arg-type]
     elif azure.has_sas_token:
         credential = ADLS2SASToken(token=dg.EnvVar(AZURE_SAS_TOKEN_VAR))  # type: ignore[arg-type]
-    return AzureBlobResource(credential=credential, blob_endpoint=azure.blob_endpoint)
+    return AzureBlobResource(
+        credential=credential,
+        blob_endpoint=azure.blob_endpoint,
+        duckdb_reader="adlfs" if azure.duckdb_reader == "adlfs" else "arrow",
+    )

@@ -245,7 +245,7 @@ def _with_tombstones(
         asset_key=context.asset_key,
         files=tuple(storage.reader_path(f) for f in existing),
         schema=obj.schema,
-        filesystem=storage.fs if storage.root.is_azure else None,
+        filesystem=storage.scan_fs,
     )
     reconcile = obj.reconcile
     return itertools.chain(obj.batches, _later(lambda: reconcile(handle, obj.stats.rows)))
@@ -303,7 +303,7 @@ def _paths(
         files=tuple(storage.reader_path(f) for f in files),
         schema=schema,
         partition_keys=keys,
-        filesystem=storage.fs if storage.root.is_azure else None,
+        filesystem=storage.scan_fs,
         row_bytes=row_bytes,
     )
     STEP_INPUT_WIDTHS.record(context, paths)

@@ -40,6 +40,9 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parent / "registry.yaml"
 MYSQL_PASSWORD_VAR = "DATALAKE_MYSQL_PASSWORD"
 AZURE_ACCOUNT_KEY_VAR = "DATALAKE_AZURE_ACCOUNT_KEY"
 AZURE_SAS_TOKEN_VAR = "DATALAKE_AZURE_SAS_TOKEN"
+AZURE_DUCKDB_READER_VAR = "DATALAKE_AZURE_DUCKDB_READER"
+# How DuckDB reads Azure roots: Arrow's C++ Azure client, or adlfs (the Azure Python SDK).
+DUCKDB_READERS = ("arrow", "adlfs")
 
 
 class Environment(StrEnum):
@@ -126,6 +129,7 @@ class AzureSettings:
     use_default_credential: bool = False
     # Custom blob endpoint (Azurite, sovereign clouds); None = https://<account>.blob.core.windows.net
     blob_endpoint: str | None = None
+    duckdb_reader: str = "arrow"  # one of DUCKDB_READERS
 
     @property
     def configured(self) -> bool:
@@ -317,7 +321,12 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         use_default_credential=(get("DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL") or "false").lower()
         in {"1", "true", "yes"},
         blob_endpoint=get("DATALAKE_AZURE_BLOB_ENDPOINT"),
+        duckdb_reader=(get(AZURE_DUCKDB_READER_VAR) or "arrow").lower(),
     )
+    if azure.duckdb_reader not in DUCKDB_READERS:
+        problems[AZURE_DUCKDB_READER_VAR] = (
+            f"must be one of {', '.join(DUCKDB_READERS)}, got {get(AZURE_DUCKDB_READER_VAR)!r}"
+        )
     if azure_groups and not azure.configured:
         problems[AZURE_ACCOUNT_KEY_VAR] = (
             f"root(s) of {', '.join(azure_groups)} are on Azure: set {AZURE_ACCOUNT_KEY_VAR}, "

@@ -11,6 +11,7 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from dagster_azure.adls2 import ADLS2Key, ADLS2SASToken
@@ -37,8 +38,14 @@ class LakeRoot:
         return f"{self.url}/{name}"
 
 
-def key_resource(server: AzuriteServer) -> AzureBlobResource:
-    return AzureBlobResource(credential=ADLS2Key(key=server.account_key), blob_endpoint=server.blob_endpoint)
+def key_resource(
+    server: AzuriteServer, duckdb_reader: Literal["arrow", "adlfs"] = "arrow"
+) -> AzureBlobResource:
+    return AzureBlobResource(
+        credential=ADLS2Key(key=server.account_key),
+        blob_endpoint=server.blob_endpoint,
+        duckdb_reader=duckdb_reader,
+    )
 
 
 def sas_resource(server: AzuriteServer, token: str) -> AzureBlobResource:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import duckdb
@@ -28,7 +28,7 @@ from datalake.extract import Extraction, ExtractionStats, Window, WindowKind
 from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
 from datalake.lake import DuckDBResource, ParquetPaths, bronze_file, write_parquet
 from datalake.specs import Cursor, CursorKind, TableSpec
-from datalake.storage import INPROGRESS_MARKER, LakeStorage
+from datalake.storage import INPROGRESS_MARKER, ArrowReads, LakeStorage
 from datalake.watermark import WATERMARK_KEY
 from datalake_tests.helpers import REPO
 from datalake_tests.lake_roots import (
@@ -556,7 +556,10 @@ def test_path_input_manager_hands_one_range_or_all_partitions(lake_root: LakeRoo
 
 
 @pytest.mark.azurite
-def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(azurite_server: AzuriteServer) -> None:
+@pytest.mark.parametrize("reader", ["arrow", "adlfs"])
+def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(
+    azurite_server: AzuriteServer, reader: Literal["arrow", "adlfs"]
+) -> None:
     """One step reads a root on each of two storage accounts, with one DuckDB connection.
 
     The roots have the same container and prefix; only the account tells them apart, and the
@@ -564,9 +567,11 @@ def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(azurite_ser
     filesystem by the path's protocol alone, so if both roots were read as ``abfs://`` the second
     input would silently be read from the first account.
     """
+    import adlfs
+
     accounts = {"a": azurite_server, "b": azurite_server.second_account()}
     prefix = f"t-{uuid.uuid4().hex[:12]}"
-    azure = {side: key_resource(server) for side, server in accounts.items()}
+    azure = {side: key_resource(server, duckdb_reader=reader) for side, server in accounts.items()}
     roots = {side: azure_url(server, prefix) for side, server in accounts.items()}
     for server in accounts.values():
         ensure_container(server)
@@ -589,6 +594,7 @@ def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(azurite_ser
         con = duckdb_resource.connect()
         for side, paths in (("a", a), ("b", b)):
             seen[side] = (paths.files, paths.relation(con).fetchall())
+        seen["reader"] = type(b.filesystem)
         return pl.DataFrame({"n": [1]})
 
     resources: dict[str, Any] = {
@@ -602,6 +608,7 @@ def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(azurite_ser
     assert dg.materialize([*upstream, both], selection=[both], resources=resources).success
     assert seen["a"][1] == [("a", 1)]
     assert seen["b"][1] == [("b", 2), ("b", 2)]
+    assert seen["reader"] == (ArrowReads if reader == "arrow" else adlfs.AzureBlobFileSystem)
     # What the handle shows is the account-free URL (what fsspec and polars take with the filesystem).
     assert seen["b"][0] == (f"abfs://{CONTAINER}/{prefix}/totals_b/totals_b.parquet",)
 
@@ -629,7 +636,7 @@ def test_path_inputs_on_one_account_share_its_filesystem(azurite_server: Azurite
     def both(x: ParquetPaths, y: ParquetPaths, duckdb_resource: DuckDBResource) -> pl.DataFrame:
         con = duckdb_resource.connect()
         seen["rows"] = [paths.relation(con).aggregate("count(*)").fetchall()[0][0] for paths in (x, y)]
-        seen["shared"] = x.filesystem is not None and x.filesystem is y.filesystem
+        seen["shared"] = isinstance(x.filesystem, ArrowReads) and x.filesystem is y.filesystem
         seen["registered"] = con.list_filesystems()
         return pl.DataFrame({"n": [1]})
 

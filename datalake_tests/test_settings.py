@@ -75,6 +75,7 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
         ("DATALAKE_DUCKDB_MEMORY_LIMIT", "2 gigs"),
         ("DATALAKE_DUCKDB_THREADS", "0"),
         ("DATALAKE_DUCKDB_TEMP_DIRECTORY", "spill"),
+        ("DATALAKE_AZURE_DUCKDB_READER", "native"),
     ],
 )
 def test_invalid_values_are_named(variable: str, value: str) -> None:
@@ -107,6 +108,16 @@ def test_good_storage_roots_load(root: str) -> None:
         {"DATALAKE_ROOT_SILVER": root, "DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL": "true"}
     )
     assert settings.root("silver") == root
+
+
+@pytest.mark.parametrize(("value", "reader"), [(None, "arrow"), ("adlfs", "adlfs"), ("Arrow", "arrow")])
+def test_duckdb_azure_reader_reaches_the_azure_resource(value: str | None, reader: str) -> None:
+    from datalake.azure import azure_resource
+
+    env = {"DATALAKE_ROOT_SILVER": "abfs://lake@acct.dfs.core.windows.net/silver"}
+    env |= {"DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL": "true"}
+    settings = resolve_settings(env | ({"DATALAKE_AZURE_DUCKDB_READER": value} if value else {}))
+    assert azure_resource(settings).duckdb_reader == reader
 
 
 def test_unknown_environment_is_rejected() -> None:

@@ -14,6 +14,9 @@
 (b) A 30-partition single-run backfill of a daily aggregate vs 30 separate runs.
 (c) How a range output is split into one file per partition: the project's streaming splitter
     vs DuckDB ``COPY … PARTITION_BY`` (+ moves) vs one filtered ``COPY`` per partition.
+(d) The slice of (a) with the bronze files on Azure (an Azurite emulator on loopback, started for the
+    bench): DuckDB through Arrow's Azure client (the default) and through adlfs, vs polars' lazy scan
+    (its native object_store reader). Azurite has no network latency; real ADLS adds it per request.
 
 Each measurement runs in a fresh process; its peak RSS comes from ``os.wait4`` (that child's own
 rusage). Times exclude interpreter start and imports: "run" is the ``dg.materialize`` call,
@@ -43,6 +46,9 @@ DATA_ROOT = REPO / "tmp" / "bench" / "lake"
 START = "2025-01-01"
 PARTNER = 42
 VARIANTS = ("duckdb", "polars_eager", "polars_lazy")
+AZURE_VARIANTS = ("azure_duckdb", "azure_duckdb_adlfs", "azure_polars_lazy")
+# How a child reaches the bench's Azurite (its well-known development key, not a secret).
+AZURE_ENV: tuple[str, ...] = ("BENCH_AZURE_ENDPOINT", "BENCH_AZURE_KEY", "BENCH_AZURE_ROOT")
 SPLITS = ("stream", "copy_partition_by", "filter_per_partition")
 TARGETS = {
     "duckdb_vs_eager_time": 0.3,  # <=
@@ -164,17 +170,51 @@ def _daily(days: int) -> Any:
     return dg.DailyPartitionsDefinition(start_date=START, end_date=end)
 
 
-def _resources(data: Path, out: Path) -> dict[str, Any]:
+def _resources(data: Path, out: Path, azure_reader: str | None = None) -> dict[str, Any]:
+    """Local roots; with ``azure_reader`` the bronze root is the bench's Azurite (see AZURE_ENV)."""
     from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
     from datalake.lake import DuckDBResource
 
     roots = {"bronze_io_manager": str(data / "bronze"), "revsci_io_manager": str(out)}
-    return {  # local roots: no Azure access
-        "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"]),
+    azure = None
+    if azure_reader is not None:
+        from dagster_azure.adls2 import ADLS2Key
+
+        from datalake.azure import AzureBlobResource
+
+        endpoint, key, root = (os.environ[name] for name in AZURE_ENV)
+        azure = AzureBlobResource(
+            credential=ADLS2Key(key=key),
+            blob_endpoint=endpoint,
+            duckdb_reader="adlfs" if azure_reader == "adlfs" else "arrow",
+        )
+        roots["bronze_io_manager"] = root
+    return {
+        "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=azure),
         "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"]),
-        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots, azure=azure),
         "duckdb_resource": DuckDBResource(memory_limit="4GB"),
     }
+
+
+def upload_to_azurite(data: Path, base: Path) -> tuple[Any, dict[str, str]]:
+    """Starts Azurite and copies the bronze files into it; returns the server and the children's env."""
+    from datalake.storage import LakeStorage
+    from datalake_tests.lake_roots import azure_url, ensure_container, key_resource
+    from datalake_tests.services import start_azurite
+
+    server = start_azurite(base)
+    try:
+        ensure_container(server)
+        root = azure_url(server, "bench/bronze")
+        storage = LakeStorage(root, key_resource(server))
+        for path in sorted((data / "bronze").rglob("*.parquet")):
+            storage.fs.put(str(path), storage.path(str(path.relative_to(data / "bronze"))))
+    except BaseException:
+        server.stop()
+        raise
+    env = dict(zip(AZURE_ENV, (server.blob_endpoint, server.account_key, root), strict=True))
+    return server, env
 
 
 def _step_seconds(instance: Any, run_id: str) -> float:
@@ -238,6 +278,10 @@ def child_slice(variant: str, data: Path, days: int) -> dict[str, Any]:
     class Slice(dg.Config):
         partner_id: int
 
+    azure_reader = None
+    if variant.startswith("azure_"):
+        azure_reader = "adlfs" if variant.endswith("_adlfs") else "arrow"
+        variant = variant.removeprefix("azure_").removesuffix("_adlfs")
     if variant == "duckdb":
 
         @dg.asset(
@@ -292,7 +336,7 @@ def child_slice(variant: str, data: Path, days: int) -> dict[str, Any]:
 
     out = Path(tempfile.mkdtemp(prefix="lake-bench-out-"))
     try:
-        resources = _resources(data, out)
+        resources = _resources(data, out, azure_reader)
         dg.materialize([warmup], resources=resources)  # Dagster's first-run costs, outside the measure
         instance = dg.DagsterInstance.ephemeral()
         baseline = _rss_mb()
@@ -312,7 +356,8 @@ def child_slice(variant: str, data: Path, days: int) -> dict[str, Any]:
         return {
             "run_seconds": run_seconds,
             "step_seconds": _step_seconds(instance, result.run_id),
-            "engine_seconds": _engine_seconds(variant, data),
+            # The engines alone on local files (not measured for the Azure variants).
+            **({"engine_seconds": _engine_seconds(variant, data)} if azure_reader is None else {}),
             "baseline_rss_mb": baseline,
             "answer": answer,
         }
@@ -457,13 +502,17 @@ def child_split(strategy: str, data: Path, days: int) -> dict[str, Any]:
 CHILDREN = {"slice": child_slice, "backfill": child_backfill, "split": child_split}
 
 
-def run_child(kind: str, variant: str, data: Path, days: int, out: Path | None = None) -> dict[str, Any]:
+def run_child(
+    kind: str, variant: str, data: Path, days: int, out: Path | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.lake_bench", "--child", f"{kind}:{variant}", "--data", str(data)]
     cmd += ["--days", str(days)] + (["--out", str(out)] if out else [])
     started = time.perf_counter()
     # Output goes to files, not pipes: the parent only waits (a full pipe would block the child).
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=stdout, stderr=stderr, text=True, env={**os.environ, **(env or {})}
+        )
         # wait4: this child's own rusage (ru_maxrss is its peak RSS, in KiB on Linux).
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -557,6 +606,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  split {strategy} ...", flush=True)
         splits[strategy] = run_child("split", strategy, data, args.days)
 
+    print("  starting Azurite and uploading the bronze files ...", flush=True)
+    azure_work = Path(tempfile.mkdtemp(prefix="lake-bench-azurite-"))
+    server, azure_env = upload_to_azurite(data, azure_work)
+    azure_slices: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for _ in range(args.repeat):
+            for variant in AZURE_VARIANTS:
+                print(f"  slice {variant} ...", flush=True)
+                azure_slices.setdefault(variant, []).append(
+                    run_child("slice", variant, data, args.days, env=azure_env)
+                )
+    finally:
+        server.stop()
+        shutil.rmtree(azure_work, ignore_errors=True)
+    answers |= {json.dumps(r["answer"]) for reports in azure_slices.values() for r in reports}
+    azure_keys = ("step_seconds", "run_seconds", "peak_rss_mb", "increment_rss_mb")
+    azure_summary = {v: {k: _median(rs, k) for k in azure_keys} for v, rs in azure_slices.items()}
+
     d, e, lazy = summary["duckdb"], summary["polars_eager"], summary["polars_lazy"]
     ratios = {
         "duckdb_vs_eager_time": d["step_seconds"] / e["step_seconds"],
@@ -567,6 +634,10 @@ def main(argv: list[str] | None = None) -> None:
         "single_run_vs_separate_wall_in_process": backfill["single"]["wall_seconds"]
         / backfill["separate"]["wall_seconds"],
         "duckdb_vs_lazy_engine_only": d["engine_seconds"] / lazy["engine_seconds"],
+        "azure_duckdb_vs_lazy_time": azure_summary["azure_duckdb"]["step_seconds"]
+        / azure_summary["azure_polars_lazy"]["step_seconds"],
+        "azure_duckdb_adlfs_vs_lazy_time": azure_summary["azure_duckdb_adlfs"]["step_seconds"]
+        / azure_summary["azure_polars_lazy"]["step_seconds"],
     }
     met = {k: ratios[k] <= limit for k, limit in TARGETS.items()}
 
@@ -621,6 +692,20 @@ def main(argv: list[str] | None = None) -> None:
     split_counts = {json.dumps(r["rows"], sort_keys=True) for r in splits.values()}
     print(f"  identical partition row counts: {'yes' if len(split_counts) == 1 else 'NO'}")
 
+    print(f"\n(d) The slice of (a) with the bronze files on Azurite (loopback); median of {args.repeat}:\n")
+    print(f"  {'variant':<52} {'step s':>7} {'run s':>7} {'step +RSS MB':>13}")
+    azure_labels = {
+        "azure_duckdb": "DuckDB path input, Arrow's Azure client (default)",
+        "azure_duckdb_adlfs": "DuckDB path input, adlfs",
+        "azure_polars_lazy": "polars lazy, its object_store reader",
+    }
+    for v in AZURE_VARIANTS:
+        m = azure_summary[v]
+        print(
+            f"  {azure_labels[v]:<52} {m['step_seconds']:>7.2f} {m['run_seconds']:>7.2f} {m['increment_rss_mb']:>13.0f}"
+        )
+    print(f"  same answer as on local disk: {'yes' if len(answers) == 1 else 'NO'}")
+
     print("\nTargets:")
     descriptions = {
         "duckdb_vs_eager_time": "DuckDB step time / polars eager",
@@ -637,6 +722,10 @@ def main(argv: list[str] | None = None) -> None:
         f"  {'  single-run / separate, in one loaded process':<48} {ratios['single_run_vs_separate_wall_in_process']:>6.3f}"
     )
     print(f"  {'  DuckDB / polars lazy, engines alone':<48} {ratios['duckdb_vs_lazy_engine_only']:>6.3f}")
+    print(f"  {'  DuckDB / polars lazy, on Azurite':<48} {ratios['azure_duckdb_vs_lazy_time']:>6.3f}")
+    print(
+        f"  {'  DuckDB (adlfs) / polars lazy, on Azurite':<48} {ratios['azure_duckdb_adlfs_vs_lazy_time']:>6.3f}"
+    )
 
     RESULTS.mkdir(exist_ok=True)
     result_file = RESULTS / "lake.json"
@@ -648,6 +737,7 @@ def main(argv: list[str] | None = None) -> None:
                 "slice": {"summary": summary, "runs": slices, "same_answer": len(answers) == 1},
                 "backfill": {"in_process": backfill, "launched": launched, "same_rows": same},
                 "split": splits,
+                "azure_slice": {"summary": azure_summary, "runs": azure_slices},
                 "ratios": ratios,
                 "targets": TARGETS,
                 "met": met,

@@ -83,6 +83,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "duckdb_resource": DuckDBResource(
             memory_limit=settings.duckdb.memory_limit,
             threads=settings.duckdb.threads,
+            remote_threads=settings.duckdb.remote_threads,
             temp_directory=settings.duckdb.temp_directory,
         ),
         **extra,

@@ -610,6 +610,10 @@ def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[
 # --- reading -----------------------------------------------------------------------
 
 
+# A DuckDB variable on each DuckDBResource connection: the threads it wants for remote reads.
+REMOTE_THREADS_VARIABLE = "datalake_remote_threads"
+
+
 class DuckDBResource(dg.ConfigurableResource):
     """In-process DuckDB for silver and gold: one connection per asset execution.
 
@@ -621,6 +625,11 @@ class DuckDBResource(dg.ConfigurableResource):
     memory_limit: str = "2GB"
     threads: int | None = None
     temp_directory: str | None = None
+    # Once the connection reads files on Azure (``ParquetPaths.relation``), it gets at least this
+    # many threads (0: keep ``threads``). Each scan thread waits on one request at a time, so
+    # remote scans want more threads than cores: measured with 10 ms added to every Azurite
+    # request, the lake benchmark's slice took 5.0 s with 2 threads, 2.7 s with 16, 2.5 s with 32.
+    remote_threads: int = 16
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         import duckdb
@@ -635,6 +644,7 @@ class DuckDBResource(dg.ConfigurableResource):
         # each footer once. Entries are checked against the file's modification time, and the
         # cache lives as long as this step's connection.
         con.execute("SET parquet_metadata_cache = true")
+        con.execute(f"SET VARIABLE {REMOTE_THREADS_VARIABLE} = {int(self.remote_threads)}")
         return con
 
 
@@ -673,6 +683,7 @@ class ParquetPaths:
             protocol = f"datalake{id(self.filesystem):x}"
             if not con.filesystem_is_registered(protocol):
                 con.register_filesystem(ProtocolAlias(self.filesystem, protocol))
+                _raise_threads_for_remote_reads(con)
             files = [f"{protocol}://{f.split('://', 1)[1]}" for f in files]
         # hive_partitioning off: the files' own columns are the schema, the same whether or not
         # any file exists (bronze paths carry ingestion_date=… directories).
@@ -683,6 +694,14 @@ class ParquetPaths:
         relation = self.relation(con)
         relation.create_view(name, replace=True)
         return relation
+
+
+def _raise_threads_for_remote_reads(con: duckdb.DuckDBPyConnection) -> None:
+    """At least the ``remote_threads`` of the DuckDBResource that made ``con`` (none: unchanged)."""
+    wanted = con.sql(f"SELECT getvariable('{REMOTE_THREADS_VARIABLE}')").fetchall()[0][0]
+    current = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
+    if wanted and int(wanted) > int(current):
+        con.execute(f"SET threads = {int(wanted)}")
 
 
 def record_batches(

@@ -157,6 +157,8 @@ class DuckDBSettings:
 
     memory_limit: str = "2GB"
     threads: int | None = None  # None: DuckDB's default, one per core
+    # Threads once a connection reads files on Azure (0: keep ``threads``): see DuckDBResource.
+    remote_threads: int = 16
     temp_directory: str = field(default_factory=default_duckdb_spill_directory)
 
 
@@ -380,6 +382,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     duckdb = DuckDBSettings(
         memory_limit=memory_limit,
         threads=parse_int("DATALAKE_DUCKDB_THREADS", 0) or None,
+        remote_threads=parse_int("DATALAKE_DUCKDB_REMOTE_THREADS", 16, minimum=0),
         temp_directory=spill,
     )
 

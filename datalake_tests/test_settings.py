@@ -76,6 +76,7 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
         ("DATALAKE_DUCKDB_THREADS", "0"),
         ("DATALAKE_DUCKDB_TEMP_DIRECTORY", "spill"),
         ("DATALAKE_AZURE_DUCKDB_READER", "native"),
+        ("DATALAKE_DUCKDB_REMOTE_THREADS", "-1"),
     ],
 )
 def test_invalid_values_are_named(variable: str, value: str) -> None:
@@ -235,14 +236,16 @@ def test_duckdb_settings_reach_the_resource_and_duckdb_accepts_them(limit: str, 
         {
             "DATALAKE_DUCKDB_MEMORY_LIMIT": limit,
             "DATALAKE_DUCKDB_THREADS": "1",
+            "DATALAKE_DUCKDB_REMOTE_THREADS": "8",
             "DATALAKE_DUCKDB_TEMP_DIRECTORY": str(tmp_path / "spill"),
         }
     )
     resource = (build_definitions(settings).resources or {})["duckdb_resource"]
     assert isinstance(resource, DuckDBResource)
-    assert (resource.memory_limit, resource.threads, resource.temp_directory) == (
+    assert (resource.memory_limit, resource.threads, resource.remote_threads, resource.temp_directory) == (
         limit,
         1,
+        8,
         str(tmp_path / "spill"),
     )
     con = resource.connect()
@@ -255,4 +258,8 @@ def test_duckdb_spills_under_the_system_temp_directory_by_default() -> None:
 
     settings = resolve_settings({})
     assert settings.duckdb.temp_directory == os.path.join(tempfile.gettempdir(), "datalake-duckdb")
-    assert (settings.duckdb.memory_limit, settings.duckdb.threads) == ("2GB", None)
+    assert (settings.duckdb.memory_limit, settings.duckdb.threads, settings.duckdb.remote_threads) == (
+        "2GB",
+        None,
+        16,
+    )

@@ -93,6 +93,41 @@ def _path_input_rows(storage: LakeStorage, relative: str) -> int:
     return paths.relation(DuckDBResource(memory_limit="1GB").connect()).aggregate("count(*)").fetchall()[0][0]
 
 
+@pytest.mark.azurite
+def test_reading_azure_files_gives_the_connection_its_remote_threads(
+    azurite_server: AzuriteServer, tmp_path: Path
+) -> None:
+    """DuckDB's scan threads each wait on one request: a connection reading Azure files gets the
+    resource's ``remote_threads`` (unless it has more, or they are 0); local reads keep ``threads``."""
+    import dagster as dg
+
+    ensure_container(azurite_server)
+    remote = LakeStorage(
+        azure_url(azurite_server, f"threads-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"),
+        key_resource(azurite_server),
+    )
+    local = LakeStorage(str(tmp_path / "lake"))
+    for storage in (remote, local):
+        _write(storage, "t/a.parquet", _table(3))
+
+    def threads_after_reading(storage: LakeStorage, resource: DuckDBResource) -> int:
+        paths = ParquetPaths(
+            asset_key=dg.AssetKey("t"),
+            files=(storage.reader_path("t/a.parquet"),),
+            schema=storage.read_schema("t/a.parquet"),
+            filesystem=storage.scan_fs,
+        )
+        con = resource.connect()
+        assert paths.relation(con).aggregate("count(*)").fetchall() == [(3,)]
+        return con.sql("SELECT current_setting('threads')").fetchall()[0][0]
+
+    assert threads_after_reading(remote, DuckDBResource(threads=2)) == 16
+    assert threads_after_reading(remote, DuckDBResource(threads=2, remote_threads=6)) == 6
+    assert threads_after_reading(remote, DuckDBResource(threads=24, remote_threads=6)) == 24
+    assert threads_after_reading(remote, DuckDBResource(threads=2, remote_threads=0)) == 2
+    assert threads_after_reading(local, DuckDBResource(threads=2)) == 2
+
+
 def test_root_urls_parse() -> None:
     local = parse_root("/opt/dagster/shared-data/bronze/")
     assert (local.scheme, local.base) == ("file", "/opt/dagster/shared-data/bronze")

@@ -3,6 +3,7 @@
     make bench                                   # everything
     uv run python -m bench lake                  # this one (10M rows)
     BENCH_LAKE_ROWS=1000000 uv run python -m bench lake
+    BENCH_LAKE_REMOTE_THREADS=2 uv run python -m bench lake   # (d) with DuckDB's 2 threads on Azure
     uv run python -m bench.lake_bench --rows 1000000 --repeat 1
 
 (a) Option A vs B — a partner slice (``WHERE partner_id = …``, aggregate by call type) over
@@ -16,7 +17,8 @@
     vs DuckDB ``COPY … PARTITION_BY`` (+ moves) vs one filtered ``COPY`` per partition.
 (d) The slice of (a) with the bronze files on Azure (an Azurite emulator on loopback, started for the
     bench): DuckDB through Arrow's Azure client (the default) and through adlfs, vs polars' lazy scan
-    (its native object_store reader). Azurite has no network latency; real ADLS adds it per request.
+    (its native object_store reader). Azurite on loopback has no network latency; real ADLS adds it
+    to every request, so each variant also runs through ``bench.latency_proxy`` adding 10 ms.
 
 Each measurement runs in a fresh process; its peak RSS comes from ``os.wait4`` (that child's own
 rusage). Times exclude interpreter start and imports: "run" is the ``dg.materialize`` call,
@@ -49,6 +51,7 @@ VARIANTS = ("duckdb", "polars_eager", "polars_lazy")
 AZURE_VARIANTS = ("azure_duckdb", "azure_duckdb_adlfs", "azure_polars_lazy")
 # How a child reaches the bench's Azurite (its well-known development key, not a secret).
 AZURE_ENV: tuple[str, ...] = ("BENCH_AZURE_ENDPOINT", "BENCH_AZURE_KEY", "BENCH_AZURE_ROOT")
+LATENCY_MS = 10  # added to each request for the (d) variants marked "+10 ms"
 SPLITS = ("stream", "copy_partition_by", "filter_per_partition")
 TARGETS = {
     "duckdb_vs_eager_time": 0.3,  # <=
@@ -193,8 +196,30 @@ def _resources(data: Path, out: Path, azure_reader: str | None = None) -> dict[s
         "bronze_io_manager": BronzeIOManager(root=roots["bronze_io_manager"], azure=azure),
         "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"]),
         "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots, azure=azure),
-        "duckdb_resource": DuckDBResource(memory_limit="4GB"),
+        # BENCH_LAKE_REMOTE_THREADS: the threads of a connection reading Azure files (default 16).
+        "duckdb_resource": DuckDBResource(
+            memory_limit="4GB", remote_threads=int(os.environ.get("BENCH_LAKE_REMOTE_THREADS", "16"))
+        ),
     }
+
+
+def start_latency_proxy(server: Any, env: dict[str, str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """``bench.latency_proxy`` in front of Azurite; returns it and the children's env through it."""
+    from datalake_tests.services import free_port
+
+    port = free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "bench.latency_proxy", str(port), str(server.blob_port), str(LATENCY_MS)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proxy.stdout is not None
+    if proxy.stdout.readline().strip() != "listening":
+        proxy.kill()
+        raise RuntimeError("latency proxy did not start")
+    endpoint = env["BENCH_AZURE_ENDPOINT"].replace(f":{server.blob_port}/", f":{port}/")
+    return proxy, {**env, "BENCH_AZURE_ENDPOINT": endpoint}
 
 
 def upload_to_azurite(data: Path, base: Path) -> tuple[Any, dict[str, str]]:
@@ -609,15 +634,21 @@ def main(argv: list[str] | None = None) -> None:
     print("  starting Azurite and uploading the bronze files ...", flush=True)
     azure_work = Path(tempfile.mkdtemp(prefix="lake-bench-azurite-"))
     server, azure_env = upload_to_azurite(data, azure_work)
+    proxy = None
     azure_slices: dict[str, list[dict[str, Any]]] = {}
     try:
+        proxy, latency_env = start_latency_proxy(server, azure_env)
         for _ in range(args.repeat):
-            for variant in AZURE_VARIANTS:
-                print(f"  slice {variant} ...", flush=True)
-                azure_slices.setdefault(variant, []).append(
-                    run_child("slice", variant, data, args.days, env=azure_env)
-                )
+            for label, env in (("", azure_env), ("+latency", latency_env)):
+                for variant in AZURE_VARIANTS:
+                    print(f"  slice {variant}{label} ...", flush=True)
+                    azure_slices.setdefault(variant + label, []).append(
+                        run_child("slice", variant, data, args.days, env=env)
+                    )
     finally:
+        if proxy is not None:
+            proxy.kill()
+            proxy.wait()
         server.stop()
         shutil.rmtree(azure_work, ignore_errors=True)
     answers |= {json.dumps(r["answer"]) for reports in azure_slices.values() for r in reports}
@@ -634,10 +665,12 @@ def main(argv: list[str] | None = None) -> None:
         "single_run_vs_separate_wall_in_process": backfill["single"]["wall_seconds"]
         / backfill["separate"]["wall_seconds"],
         "duckdb_vs_lazy_engine_only": d["engine_seconds"] / lazy["engine_seconds"],
-        "azure_duckdb_vs_lazy_time": azure_summary["azure_duckdb"]["step_seconds"]
-        / azure_summary["azure_polars_lazy"]["step_seconds"],
-        "azure_duckdb_adlfs_vs_lazy_time": azure_summary["azure_duckdb_adlfs"]["step_seconds"]
-        / azure_summary["azure_polars_lazy"]["step_seconds"],
+        **{
+            f"{variant}{label}_vs_lazy_time": azure_summary[variant + label]["step_seconds"]
+            / azure_summary["azure_polars_lazy" + label]["step_seconds"]
+            for variant in ("azure_duckdb", "azure_duckdb_adlfs")
+            for label in ("", "+latency")
+        },
     }
     met = {k: ratios[k] <= limit for k, limit in TARGETS.items()}
 
@@ -692,17 +725,21 @@ def main(argv: list[str] | None = None) -> None:
     split_counts = {json.dumps(r["rows"], sort_keys=True) for r in splits.values()}
     print(f"  identical partition row counts: {'yes' if len(split_counts) == 1 else 'NO'}")
 
-    print(f"\n(d) The slice of (a) with the bronze files on Azurite (loopback); median of {args.repeat}:\n")
-    print(f"  {'variant':<52} {'step s':>7} {'run s':>7} {'step +RSS MB':>13}")
+    print(
+        f"\n(d) The slice of (a) with the bronze files on Azurite (loopback), directly and with {LATENCY_MS} ms"
+        f" added to each request; median of {args.repeat}:\n"
+    )
+    print(f"  {'variant':<52} {'step s':>7} {'+' + str(LATENCY_MS) + ' ms':>7} {'step +RSS MB':>13}")
     azure_labels = {
         "azure_duckdb": "DuckDB path input, Arrow's Azure client (default)",
         "azure_duckdb_adlfs": "DuckDB path input, adlfs",
         "azure_polars_lazy": "polars lazy, its object_store reader",
     }
     for v in AZURE_VARIANTS:
-        m = azure_summary[v]
+        m, slow = azure_summary[v], azure_summary[v + "+latency"]
         print(
-            f"  {azure_labels[v]:<52} {m['step_seconds']:>7.2f} {m['run_seconds']:>7.2f} {m['increment_rss_mb']:>13.0f}"
+            f"  {azure_labels[v]:<52} {m['step_seconds']:>7.2f} {slow['step_seconds']:>7.2f}"
+            f" {m['increment_rss_mb']:>13.0f}"
         )
     print(f"  same answer as on local disk: {'yes' if len(answers) == 1 else 'NO'}")
 
@@ -722,10 +759,11 @@ def main(argv: list[str] | None = None) -> None:
         f"  {'  single-run / separate, in one loaded process':<48} {ratios['single_run_vs_separate_wall_in_process']:>6.3f}"
     )
     print(f"  {'  DuckDB / polars lazy, engines alone':<48} {ratios['duckdb_vs_lazy_engine_only']:>6.3f}")
-    print(f"  {'  DuckDB / polars lazy, on Azurite':<48} {ratios['azure_duckdb_vs_lazy_time']:>6.3f}")
-    print(
-        f"  {'  DuckDB (adlfs) / polars lazy, on Azurite':<48} {ratios['azure_duckdb_adlfs_vs_lazy_time']:>6.3f}"
-    )
+    for label, note in (("", "on Azurite"), ("+latency", f"+{LATENCY_MS} ms")):
+        for variant, name in (("azure_duckdb", "DuckDB"), ("azure_duckdb_adlfs", "DuckDB (adlfs)")):
+            print(
+                f"  {'  ' + name + ' / polars lazy, ' + note:<48} {ratios[f'{variant}{label}_vs_lazy_time']:>6.3f}"
+            )
 
     RESULTS.mkdir(exist_ok=True)
     result_file = RESULTS / "lake.json"

@@ -76,7 +76,7 @@ class AzureBlobResource(AzureAccess):
         return None
 
     def filesystem(self, root_account: str | None = None) -> fsspec.AbstractFileSystem:
-        """The adlfs filesystem of the root's account on the blob endpoint (writes, listings, DuckDB reads)."""
+        """The adlfs filesystem of the root's account on the blob endpoint: writes, listings, footers."""
         account = self.account(root_account)
         with self._filesystems_lock:
             if account not in self._filesystems:

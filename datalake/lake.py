@@ -627,8 +627,8 @@ class DuckDBResource(dg.ConfigurableResource):
     temp_directory: str | None = None
     # Once the connection reads files on Azure (``ParquetPaths.relation``), it gets at least this
     # many threads (0: keep ``threads``). Each scan thread waits on one request at a time, so
-    # remote scans want more threads than cores: measured with 10 ms added to every Azurite
-    # request, the lake benchmark's slice took 5.0 s with 2 threads, 2.7 s with 16, 2.5 s with 32.
+    # remote scans want more threads than cores: with 10 ms added to every Azurite request, the
+    # lake benchmark's slice step took 2.36 s with 16 threads, 4.79 s with 2 (one per core here).
     remote_threads: int = 16
 
     def connect(self) -> duckdb.DuckDBPyConnection:

@@ -73,20 +73,10 @@ class AzureAccess(dg.ConfigurableResource):
         raise NotImplementedError
 
 
-class ArrowReads(fsspec.AbstractFileSystem):
-    """A read-only fsspec view of a pyarrow filesystem (``container/path`` on an Azure account).
+class _ReadOnly(fsspec.AbstractFileSystem):
+    """An fsspec filesystem that only opens files for reading (what DuckDB calls to scan them)."""
 
-    What DuckDB scans Azure files through. Each of DuckDB's reads is one positional read in
-    Arrow's C++ Azure client, which releases the GIL while it waits, so DuckDB's threads fetch in
-    parallel; a request through adlfs instead runs the Azure Python SDK's pipeline under the GIL.
-    The lake benchmark's partner slice over 30 bronze files on Azurite: 0.84 s vs 1.93 s.
-    """
-
-    cachable = False
-
-    def __init__(self, fs: pafs.FileSystem):
-        super().__init__()
-        self.fs = fs
+    cachable = False  # one per wrapped filesystem; fsspec's instance cache would tokenize it
 
     def _open(
         self,
@@ -99,6 +89,26 @@ class ArrowReads(fsspec.AbstractFileSystem):
     ) -> Any:
         if mode != "rb":
             raise PermissionError(f"{path}: read-only")
+        return self._open_read(path, block_size=block_size, cache_options=cache_options, **kwargs)
+
+    def _open_read(self, path: str, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+class ArrowReads(_ReadOnly):
+    """A read-only fsspec view of a pyarrow filesystem (``container/path`` on an Azure account).
+
+    What DuckDB scans Azure files through. Each of DuckDB's reads is one positional read in
+    Arrow's C++ Azure client, which releases the GIL while it waits, so DuckDB's threads fetch in
+    parallel; a request through adlfs instead runs the Azure Python SDK's pipeline under the GIL.
+    The lake benchmark's partner slice over 30 bronze files on Azurite: 0.84 s vs 1.93 s.
+    """
+
+    def __init__(self, fs: pafs.FileSystem):
+        super().__init__()
+        self.fs = fs
+
+    def _open_read(self, path: str, **kwargs: Any) -> Any:
         return _PositionalFile(self.fs.open_input_file(path))
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -157,7 +167,7 @@ class _PositionalFile(io.RawIOBase):
         super().close()
 
 
-class ProtocolAlias(fsspec.AbstractFileSystem):
+class ProtocolAlias(_ReadOnly):
     """A filesystem under a protocol of its own: ``<protocol>://container/path`` is
     ``container/path`` on ``fs``. Read-only: what DuckDB calls to scan files.
 
@@ -172,8 +182,6 @@ class ProtocolAlias(fsspec.AbstractFileSystem):
     needed, and took twice as long.
     """
 
-    cachable = False  # one per wrapped filesystem; fsspec's instance cache would tokenize ``fs``
-
     def __init__(self, fs: fsspec.AbstractFileSystem, protocol: str):
         super().__init__()
         self.fs = fs
@@ -183,21 +191,9 @@ class ProtocolAlias(fsspec.AbstractFileSystem):
     def inner(self, path: str) -> str:
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
 
-    def _open(
-        self,
-        path: str,
-        mode: str = "rb",
-        block_size: int | None = None,
-        autocommit: bool = True,
-        cache_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        if mode != "rb":
-            raise PermissionError(f"{self._prefix} paths are read-only")
+    def _open_read(self, path: str, **kwargs: Any) -> Any:
         kwargs.setdefault("cache_type", "none")
-        return self.fs.open(
-            self.inner(path), mode, block_size=block_size, cache_options=cache_options, **kwargs
-        )
+        return self.fs.open(self.inner(path), "rb", **kwargs)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return self.fs.info(self.inner(path), **kwargs)

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import dagster as dg
 import duckdb
 import polars as pl
 import pyarrow as pa
@@ -80,17 +81,24 @@ def _duckdb_glob_rows(storage: LakeStorage, pattern: str) -> int:
     return con.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()[0][0]
 
 
-def _path_input_rows(storage: LakeStorage, relative: str) -> int:
-    """Rows DuckDB reads through a path input's handle (the root's scan filesystem)."""
-    import dagster as dg
-
+def _path_input(
+    storage: LakeStorage,
+    relative: str,
+    con: duckdb.DuckDBPyConnection | None = None,
+    schema: pa.Schema | None = None,
+) -> duckdb.DuckDBPyRelation:
+    """``relative`` as DuckDB reads it through a path input's handle (the root's scan filesystem)."""
     paths = ParquetPaths(
         asset_key=dg.AssetKey("t"),
         files=(storage.reader_path(relative),),
-        schema=storage.read_schema(relative),
+        schema=schema or storage.read_schema(relative),
         filesystem=storage.scan_fs,
     )
-    return paths.relation(DuckDBResource(memory_limit="1GB").connect()).aggregate("count(*)").fetchall()[0][0]
+    return paths.relation(con or DuckDBResource(memory_limit="1GB").connect())
+
+
+def _path_input_rows(storage: LakeStorage, relative: str) -> int:
+    return _path_input(storage, relative).aggregate("count(*)").fetchall()[0][0]
 
 
 @pytest.mark.azurite
@@ -99,8 +107,6 @@ def test_reading_azure_files_gives_the_connection_its_remote_threads(
 ) -> None:
     """DuckDB's scan threads each wait on one request: a connection reading Azure files gets the
     resource's ``remote_threads`` (unless it has more, or they are 0); local reads keep ``threads``."""
-    import dagster as dg
-
     ensure_container(azurite_server)
     remote = LakeStorage(
         azure_url(azurite_server, f"threads-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"),
@@ -111,14 +117,8 @@ def test_reading_azure_files_gives_the_connection_its_remote_threads(
         _write(storage, "t/a.parquet", _table(3))
 
     def threads_after_reading(storage: LakeStorage, resource: DuckDBResource) -> int:
-        paths = ParquetPaths(
-            asset_key=dg.AssetKey("t"),
-            files=(storage.reader_path("t/a.parquet"),),
-            schema=storage.read_schema("t/a.parquet"),
-            filesystem=storage.scan_fs,
-        )
         con = resource.connect()
-        assert paths.relation(con).aggregate("count(*)").fetchall() == [(3,)]
+        assert _path_input(storage, "t/a.parquet", con).aggregate("count(*)").fetchall() == [(3,)]
         return con.sql("SELECT current_setting('threads')").fetchall()[0][0]
 
     assert threads_after_reading(remote, DuckDBResource(threads=2)) == 16
@@ -303,7 +303,7 @@ def test_roots_on_one_account_share_a_filesystem_that_keeps_no_listings(
 @pytest.mark.azurite
 @pytest.mark.parametrize("reader", ["arrow", "adlfs"])
 def test_duckdb_fetches_only_the_column_chunks_it_reads(
-    azurite_server: AzuriteServer, monkeypatch: pytest.MonkeyPatch, reader: str
+    azurite_server: AzuriteServer, monkeypatch: pytest.MonkeyPatch, reader: Literal["arrow", "adlfs"]
 ) -> None:
     """A projection over an Azure file transfers its column chunks, not the rest of the file.
 
@@ -326,7 +326,7 @@ def test_duckdb_fetches_only_the_column_chunks_it_reads(
 
     monkeypatch.setattr(owner, name, counting)
     ensure_container(azurite_server)
-    azure = key_resource(azurite_server, duckdb_reader="arrow" if reader == "arrow" else "adlfs")
+    azure = key_resource(azurite_server, duckdb_reader=reader)
     storage = LakeStorage(
         azure_url(azurite_server, f"chunks-{reader}-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"), azure
     )
@@ -338,17 +338,9 @@ def test_duckdb_fetches_only_the_column_chunks_it_reads(
     _write(storage, "t/a.parquet", table)
     size = storage.size("t/a.parquet")
     assert size > 3_000_000
-    fetched.clear()  # the footer read of the write's own check, if any
-    import dagster as dg
-
-    paths = ParquetPaths(
-        asset_key=dg.AssetKey("t"),
-        files=(storage.reader_path("t/a.parquet"),),
-        schema=table.schema,
-        filesystem=storage.scan_fs,
-    )
-    con = DuckDBResource(memory_limit="1GB").connect()
-    assert paths.relation(con).aggregate("sum(small)").fetchall() == [(sum(range(rows)),)]
+    fetched.clear()  # the write's own reads, if any
+    relation = _path_input(storage, "t/a.parquet", schema=table.schema)
+    assert relation.aggregate("sum(small)").fetchall() == [(sum(range(rows)),)]
     assert 0 < sum(fetched) < 100_000, f"{sum(fetched):,} bytes fetched of a {size:,}-byte file"
 
 

@@ -23,9 +23,10 @@ import io
 import os
 import posixpath
 import re
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 from urllib.parse import urlparse
@@ -109,7 +110,8 @@ class ArrowReads(_ReadOnly):
         self.fs = fs
 
     def _open_read(self, path: str, **kwargs: Any) -> Any:
-        return _PositionalFile(self.fs.open_input_file(path))
+        native = self.fs.open_input_file(path)  # its read_at is thread-safe: one ranged GET each
+        return _PositionalFile(native.size(), native.read_at, native.close)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         entry = self.fs.get_file_info(path)
@@ -126,13 +128,25 @@ class ArrowReads(_ReadOnly):
 
 
 class _PositionalFile(io.RawIOBase):
-    """A pyarrow random-access file read by position: seek is bookkeeping, each read one request."""
+    """A file read by position (``read_at(size, offset)``, one request each): what DuckDB scans.
 
-    def __init__(self, native: pa.NativeFile):
+    DuckDB reads a file through one handle from several threads at once (its positional reads
+    assume ``pread``), and its Python bridge makes each one ``seek(offset)`` then ``read(size)``.
+    The interpreter may switch threads between the two, so a position shared by all threads let
+    one thread's read start at another's offset: a silently wrong sum, seen on Azurite with a
+    short switch interval. So a thread's seek is kept for that thread's next read; a read with no
+    seek of its own continues from where the last read ended.
+    """
+
+    def __init__(
+        self, size: int, read_at: Callable[[int, int], bytes], close: Callable[[], None] | None = None
+    ):
         super().__init__()
-        self._native = native
-        self._size = native.size()
-        self._position = 0
+        self._size = size
+        self._read_at = read_at
+        self._close = close
+        self._position = 0  # where the last read ended
+        self._sought: dict[int, int] = {}  # thread → the offset of its seek not yet read from
 
     def readable(self) -> bool:
         return True
@@ -141,18 +155,25 @@ class _PositionalFile(io.RawIOBase):
         return True
 
     def tell(self) -> int:
-        return self._position
+        return self._sought.get(threading.get_ident(), self._position)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = base + offset
-        return self._position
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self.tell() + offset
+        elif whence == io.SEEK_END:
+            position = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence!r}")
+        self._sought[threading.get_ident()] = position
+        return position
 
     def read(self, size: int | None = -1) -> bytes:
-        position = self._position
+        position = self._sought.pop(threading.get_ident(), self._position)
         wanted = self._size - position if size is None or size < 0 else size
         wanted = max(0, min(wanted, self._size - position))
-        data = self._native.read_at(wanted, position) if wanted else b""
+        data = self._read_at(wanted, position) if wanted else b""
         self._position = position + len(data)
         return data
 
@@ -162,8 +183,8 @@ class _PositionalFile(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
-        if not self.closed:
-            self._native.close()
+        if not self.closed and self._close is not None:
+            self._close()
         super().close()
 
 
@@ -175,11 +196,11 @@ class ProtocolAlias(_ReadOnly):
     filesystem is ``abfs``: one connection reading roots on two storage accounts would read both
     through whichever was registered first. An alias per filesystem keeps them apart.
 
-    Files open without a read-ahead cache: DuckDB reads the byte ranges it needs (footers, the
-    column chunks of a projection) and buffers them itself. adlfs' default cache fetches a whole
-    block (8 MB here) from each read's offset, i.e. to the end of a smaller file for every column
-    chunk: a partner slice over 30 bronze files on Azurite transferred 886 MB for the 53 MB it
-    needed, and took twice as long.
+    Files are read by position, each read one ranged request (``cat_file``) and no read-ahead:
+    DuckDB reads the byte ranges it needs (footers, the column chunks of a projection) and buffers
+    them itself. adlfs' own files fetch a whole block (8 MB here) from each read's offset, i.e. to
+    the end of a smaller file for every column chunk: a partner slice over 30 bronze files on
+    Azurite transferred 886 MB for the 53 MB it needed, and took twice as long.
     """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, protocol: str):
@@ -192,8 +213,14 @@ class ProtocolAlias(_ReadOnly):
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
 
     def _open_read(self, path: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("cache_type", "none")
-        return self.fs.open(self.inner(path), "rb", **kwargs)
+        inner = self.inner(path)
+        if isinstance(self.fs, _ReadOnly):  # opens files for DuckDB itself (ArrowReads)
+            return self.fs._open_read(inner, **kwargs)
+
+        def read_at(size: int, offset: int) -> bytes:
+            return cast(bytes, self.fs.cat_file(inner, start=offset, end=offset + size))
+
+        return _PositionalFile(int(self.fs.info(inner)["size"]), read_at)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return self.fs.info(self.inner(path), **kwargs)

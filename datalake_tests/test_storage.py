@@ -7,6 +7,7 @@ Every test that takes ``lake_root`` runs twice: on a local tmp path and on
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import dagster as dg
 import duckdb
@@ -308,23 +309,18 @@ def test_duckdb_fetches_only_the_column_chunks_it_reads(
     """A projection over an Azure file transfers its column chunks, not the rest of the file.
 
     The small column comes first in the file and a ~4 MB one after it; a read-ahead cache would
-    fetch from the small chunk on to the end of the file. Both DuckDB readers are counted where
-    they fetch: adlfs' ranged GETs, and each positional read of Arrow's client.
+    fetch from the small chunk on to the end of the file. Both readers make one ranged request per
+    positional read (Arrow's client; adlfs' ``cat_file``), counted there.
     """
-    import adlfs.spec
-
     fetched: list[int] = []
-    owner, name = (
-        (adlfs.spec.AzureBlobFile, "_fetch_range") if reader == "adlfs" else (_PositionalFile, "read")
-    )
-    fetch = getattr(owner, name)
+    fetch = _PositionalFile.read
 
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        data = fetch(self, *args, **kwargs)
+    def counting(self: _PositionalFile, size: int | None = -1) -> bytes:
+        data = fetch(self, size)
         fetched.append(len(data))
         return data
 
-    monkeypatch.setattr(owner, name, counting)
+    monkeypatch.setattr(_PositionalFile, "read", counting)
     ensure_container(azurite_server)
     azure = key_resource(azurite_server, duckdb_reader=reader)
     storage = LakeStorage(
@@ -342,6 +338,91 @@ def test_duckdb_fetches_only_the_column_chunks_it_reads(
     relation = _path_input(storage, "t/a.parquet", schema=table.schema)
     assert relation.aggregate("sum(small)").fetchall() == [(sum(range(rows)),)]
     assert 0 < sum(fetched) < 100_000, f"{sum(fetched):,} bytes fetched of a {size:,}-byte file"
+
+
+def test_a_threads_seek_is_kept_for_its_own_read() -> None:
+    """DuckDB's positional read is ``seek`` then ``read``, and another thread may seek the same
+    handle in between: each read starts at its own thread's seek."""
+    import threading
+
+    data = bytes(range(256)) * 4
+    requests: list[tuple[int, int]] = []
+
+    def read_at(size: int, offset: int) -> bytes:
+        requests.append((offset, size))
+        return data[offset : offset + size]
+
+    handle = _PositionalFile(len(data), read_at)
+    sought, other_done = threading.Event(), threading.Event()
+    got: dict[str, bytes] = {}
+
+    def first() -> None:
+        handle.seek(100)
+        sought.set()
+        other_done.wait(10)
+        got["first"] = handle.read(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert sought.wait(10)
+    handle.seek(500)  # this thread's seek lands between the other's seek and its read
+    got["second"] = handle.read(10)
+    other_done.set()
+    thread.join(10)
+    assert got == {"first": data[100:110], "second": data[500:510]}
+    # Without a seek of its own, a read continues where the last one ended.
+    handle.seek(1_000)
+    assert handle.read(4) == data[1_000:1_004]
+    assert handle.read() == data[1_004:]
+    assert handle.read(8) == b""
+    buffer = bytearray(3)
+    handle.seek(-3, io.SEEK_END)
+    assert handle.readinto(buffer) == 3 and bytes(buffer) == data[-3:]
+    assert (100, 10) in requests and (500, 10) in requests  # one request per read, exactly its range
+
+
+@pytest.mark.azurite
+@pytest.mark.parametrize("reader", ["arrow", "adlfs"])
+def test_duckdb_reads_one_handle_from_several_threads(
+    azurite_server: AzuriteServer, monkeypatch: pytest.MonkeyPatch, reader: Literal["arrow", "adlfs"]
+) -> None:
+    """Why a handle keeps each thread's seek: DuckDB shares one handle per file among its scan
+    threads (it expects positional reads to be ``pread``). Counted on a parallel scan of two files
+    through both readers, which read the exact answer."""
+    import threading
+
+    # Keyed by the handle itself (kept alive): a closed handle's id() is reused by the next one.
+    readers: dict[_PositionalFile, set[int]] = {}
+    read = _PositionalFile.read
+
+    def recording(self: _PositionalFile, size: int | None = -1) -> bytes:
+        readers.setdefault(self, set()).add(threading.get_ident())
+        return read(self, size)
+
+    monkeypatch.setattr(_PositionalFile, "read", recording)
+    ensure_container(azurite_server)
+    storage = LakeStorage(
+        azure_url(azurite_server, f"handles-{reader}-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"),
+        key_resource(azurite_server, duckdb_reader=reader),
+    )
+    table = _table(64_000)
+    for name in ("a", "b"):
+        with storage.atomic_writer(f"t/{name}.parquet") as handle:
+            pq.write_table(table, handle, row_group_size=2_000)  # 32 row groups to share out
+    paths = ParquetPaths(
+        asset_key=dg.AssetKey("t"),
+        files=(storage.reader_path("t/a.parquet"), storage.reader_path("t/b.parquet")),
+        schema=table.schema,
+        filesystem=storage.scan_fs,
+    )
+    con = DuckDBResource(memory_limit="1GB", threads=8, remote_threads=0).connect()
+    assert paths.relation(con).aggregate("count(*), sum(id), sum(length(v))").fetchall() == [
+        (128_000, 2 * sum(range(64_000)), 2 * sum(len(f"row{i}") for i in range(64_000)))
+    ]
+    shared = [handle for handle, threads in readers.items() if len(threads) > 1]
+    assert shared, (
+        f"every handle was read by one thread ({len(readers)} handles): update _PositionalFile's doc"
+    )
 
 
 @pytest.mark.azurite

@@ -10,6 +10,7 @@ Every file is zstd-compressed with statistics and appears atomically (``LakeStor
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import re
 import sys
@@ -426,9 +427,11 @@ class PartitionMismatch(ValueError):
 class PartitionAssigner:
     """Places each row of a range output in one of the targeted partitions, by one column.
 
-    Time-window partitions: a DATE or TIMESTAMP value belongs to the partition whose window
-    [start, end) contains it (naive values are read in the partitions' time zone); a string
-    value must equal a key. Other partitions: the value, as text, must equal a key.
+    Time-window partitions: a TIMESTAMP value belongs to the partition whose window [start, end)
+    contains it (naive values are read in the partitions' time zone); a DATE to the one whose
+    window holds that local day (windows of a day or longer; shorter ones: the window holding
+    the day's midnight); a string value must equal a key. Other partitions: the value, as text,
+    must equal a key.
     """
 
     column: str
@@ -436,6 +439,11 @@ class PartitionAssigner:
     timezone: str | None = None
     starts_us: tuple[int, ...] = ()
     ends_us: tuple[int, ...] = ()
+    # Local days (since 1970-01-01) of each window's start and end, when every window spans a day
+    # or more: a DATE is matched by day, as midnight does not exist on some days (a DST change at
+    # 00:00, e.g. Africa/Cairo or America/Santiago) and would match no window.
+    start_days: tuple[int, ...] = ()
+    end_days: tuple[int, ...] = ()
 
     @classmethod
     def for_partitions(
@@ -445,12 +453,17 @@ class PartitionAssigner:
             raise ValueError("splitting a range output by column is not supported for multi-partitions")
         if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
             windows = [partitions_def.time_window_for_partition_key(k) for k in keys]
+            start_days = tuple(_epoch_day(w.start) for w in windows)
+            end_days = tuple(_epoch_day(w.end) for w in windows)
+            by_day = all(end > start for start, end in zip(start_days, end_days, strict=True))
             return cls(
                 column=column,
                 keys=tuple(keys),
                 timezone=partitions_def.timezone,
                 starts_us=tuple(_epoch_us(w.start) for w in windows),
                 ends_us=tuple(_epoch_us(w.end) for w in windows),
+                start_days=start_days if by_day else (),
+                end_days=end_days if by_day else (),
             )
         return cls(column=column, keys=tuple(keys))
 
@@ -463,19 +476,13 @@ class PartitionAssigner:
                 f"the output has no partition column {self.column!r} (columns: {', '.join(batch.schema.names)})"
             )
         original = values = pl.Series(self.column, batch.column(self.column))
-        dtype = values.dtype
-        if self.starts_us and (dtype == pl.Date or isinstance(dtype, pl.Datetime)):
-            if dtype == pl.Date:
-                values = values.cast(pl.Datetime("us"))
-            if values.dtype.time_zone is None:  # type: ignore[union-attr]
-                values = values.dt.replace_time_zone(self.timezone, ambiguous="earliest", non_existent="null")
-            instants = values.dt.epoch("us")
-            starts = pl.Series(self.starts_us, dtype=pl.Int64)
-            ends = pl.Series(self.ends_us, dtype=pl.Int64)
-            # The window whose start is the last one <= the instant; valid only if it ends after it.
-            candidate = starts.search_sorted(instants, side="right").cast(pl.Int64) - 1
-            window_end = ends.gather(candidate.clip(0, len(self.ends_us) - 1))
-            valid = ((candidate >= 0) & (instants < window_end)).fill_null(False)
+        windows = self._windows(values)
+        if windows is not None:
+            points, starts, ends = windows
+            # The window whose start is the last one <= the point; valid only if it ends after it.
+            candidate = starts.search_sorted(points, side="right").cast(pl.Int64) - 1
+            window_end = ends.gather(candidate.clip(0, len(ends) - 1))
+            valid = ((candidate >= 0) & (points < window_end)).fill_null(False)
             index = pl.DataFrame({"i": candidate, "ok": valid}).select(
                 pl.when(pl.col("ok")).then(pl.col("i")).otherwise(None)
             )["i"]
@@ -491,9 +498,33 @@ class PartitionAssigner:
             )
         return index.cast(pl.Int32)
 
+    def _windows(self, values: pl.Series) -> tuple[pl.Series, pl.Series, pl.Series] | None:
+        """(each value as a point, window starts, window ends) on one scale; None: match keys."""
+        import polars as pl
+
+        dtype = values.dtype
+        if self.start_days and dtype == pl.Date:
+            bounds = (self.start_days, self.end_days)
+            points = values.cast(pl.Int64)
+        elif self.starts_us and (dtype == pl.Date or isinstance(dtype, pl.Datetime)):
+            if dtype == pl.Date:
+                values = values.cast(pl.Datetime("us"))
+            if values.dtype.time_zone is None:  # type: ignore[union-attr]
+                values = values.dt.replace_time_zone(self.timezone, ambiguous="earliest", non_existent="null")
+            bounds = (self.starts_us, self.ends_us)
+            points = values.dt.epoch("us")
+        else:
+            return None
+        return points, pl.Series(bounds[0], dtype=pl.Int64), pl.Series(bounds[1], dtype=pl.Int64)
+
 
 def _epoch_us(value: Any) -> int:
     return int(value.timestamp() * 1_000_000)
+
+
+def _epoch_day(value: Any) -> int:
+    """The local calendar day of an aware datetime, as days since 1970-01-01."""
+    return (value.date() - dt.date(1970, 1, 1)).days
 
 
 def write_partitions(

@@ -228,3 +228,46 @@ def test_lazy_and_dict_range_outputs_split_too(lake_root: LakeRoot) -> None:
     assert [rows[("dict_events", day)] for day in RANGE] == [i if i % 2 else 0 for i in range(10)]
     assert len(silver.list_files("dict_events/")) == 10  # the keys it did not return: empty files
     assert silver.read_schema(f"dict_events/{RANGE[0]}.parquet").names == ["key"]
+
+
+@pytest.mark.parametrize(
+    ("timezone", "days"),
+    [
+        # Midnight does not exist on the second day: clocks jump from 00:00 to 01:00.
+        ("Africa/Cairo", ["2025-04-24", "2025-04-25", "2025-04-26"]),
+        ("America/Santiago", ["2024-09-07", "2024-09-08", "2024-09-09"]),
+        ("UTC", ["2025-04-24", "2025-04-25", "2025-04-26"]),
+    ],
+)
+def test_a_date_partition_column_finds_its_day_when_midnight_does_not_exist(
+    tmp_path: Path, timezone: str, days: list[str]
+) -> None:
+    """A DATE names a local day; a day whose midnight was skipped by DST is still a partition."""
+    daily = dg.DailyPartitionsDefinition(start_date=days[0], end_offset=3, timezone=timezone)
+
+    @dg.asset(
+        partitions_def=daily,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        io_manager_key="silver_io_manager",
+        metadata={PARTITION_COLUMN_KEY: "usage_date"},
+    )
+    def usage(context: dg.AssetExecutionContext) -> pl.DataFrame:
+        keys = context.partition_keys
+        return pl.DataFrame(
+            {
+                "usage_date": [dt.date.fromisoformat(k) for k in keys for _ in range(2)],
+                "n": range(2 * len(keys)),
+            }
+        )
+
+    result = dg.materialize(
+        [usage],
+        resources={"silver_io_manager": ParquetIOManager(root=str(tmp_path))},
+        tags={"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]},
+    )
+    assert result.success
+    files = sorted((tmp_path / "usage").glob("*.parquet"))
+    assert [f.stem for f in files] == days
+    assert [pl.read_parquet(f)["usage_date"].to_list() for f in files] == [
+        [dt.date.fromisoformat(d)] * 2 for d in days
+    ]

@@ -411,12 +411,17 @@ class SourceDialect:
         return int(value) if value else None
 
     def oldest_open_transaction(self, conn: sa.Connection, log: Callable[[str], None]) -> dt.datetime | None:
-        """Start of the oldest open InnoDB transaction, or None (unknown or none open)."""
+        """Start of the oldest open InnoDB transaction in UTC, or None (unknown or none open).
+
+        ``trx_started`` is in the server's system time zone (its ``TZ``), not the session's: a
+        server ahead of UTC would never cap ``hi`` (late commits lost), one behind would hold it
+        back by hours.
+        """
         if self.name != "mysql":
             return None
         try:
             return conn.exec_driver_sql(
-                "SELECT MIN(trx_started) FROM information_schema.innodb_trx "
+                "SELECT CONVERT_TZ(MIN(trx_started), 'SYSTEM', '+00:00') FROM information_schema.innodb_trx "
                 "WHERE trx_mysql_thread_id <> CONNECTION_ID()"
             ).scalar()
         except sqlalchemy.exc.DBAPIError as exc:

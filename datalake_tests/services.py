@@ -378,6 +378,9 @@ FLUSH PRIVILEGES;
 """.encode()
 
 
+MARIADB_SYSTEM_TIME_ZONE = "Asia/Tokyo"  # ahead of UTC; sessions use +00:00 (--default-time-zone)
+
+
 def start_mariadb(base_dir: Path, *, timeout: float = 60.0, tls: PKI | None = None) -> MariaDBServer:
     """Initialise a throwaway datadir under ``base_dir`` and start ``mariadbd`` on a free port.
 
@@ -451,6 +454,9 @@ def start_mariadb(base_dir: Path, *, timeout: float = 60.0, tls: PKI | None = No
         ],
         log_path=stdout_log,
         cwd=root,
+        # The server's own clock zone is not UTC, like many production hosts: what reads its
+        # system-zone values (innodb_trx.trx_started) must convert them.
+        env={"TZ": MARIADB_SYSTEM_TIME_ZONE},
     )
 
     def build() -> MariaDBServer:

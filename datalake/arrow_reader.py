@@ -57,8 +57,12 @@ ZERO_DATES_COLUMN = "_datalake_zero_dates"
 
 
 def _carried_exactly(arrow: pa.DataType) -> bool:
-    """connectorx reads DECIMAL through a 96-bit decimal (28 digits) into decimal128(38,10)."""
-    return arrow.precision <= 28 and arrow.scale <= 10
+    """connectorx reads DECIMAL through a 96-bit decimal (28 digits) into decimal128(38,10).
+
+    Every value is rescaled to 10 places within those 28 digits, so at most 18 may be left of
+    the point: DECIMAL(19,0) or (20,8) fails the read on its first value that large.
+    """
+    return arrow.precision - arrow.scale <= 18 and arrow.scale <= 10
 
 
 def _is_date(arrow: pa.DataType) -> bool:

@@ -61,7 +61,7 @@ EDGE_DDL = f"""CREATE TABLE {SCHEMA}.edge (
   b TINYINT(1), bits BIT(12), y YEAR, e ENUM('a','b','ü'), s SET('x','y','z'), j JSON,
   tm TIME(6), d DATE, dtt DATETIME(6), dt0 DATETIME, ts TIMESTAMP(6) NULL DEFAULT NULL,
   c CHAR(4), txt TEXT, blb BLOB, vb VARBINARY(16), f FLOAT, dbl DOUBLE,
-  all_null DECIMAL(9,3) NULL, d28 DECIMAL(28,10),
+  all_null DECIMAL(9,3) NULL, d28 DECIMAL(28,10), d20i DECIMAL(20,0), d19 DECIMAL(19,1),
   updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
 
 EDGE_ROW_MAX = (
@@ -69,18 +69,19 @@ EDGE_ROW_MAX = (
     "'-99999999.99', 18446744073709551615, -9223372036854775808, 4294967295, -128, 255, -8388608, "
     "1, b'111111111111', 2155, 'ü', 'x,z', '{\"a\": [1, 2.5, \"😀\"]}', '-838:59:59.000000', '9999-12-31', "
     "'9999-12-31 23:59:59.999999', '1000-01-01 00:00:00', '2038-01-19 03:14:07.999999', "
-    "'ab  ', 'emoji 😀 ünïcödé', x'00ff10', x'deadbeef', 1.5, -2.25, NULL, '-999999999999999999.9999999999', '2024-01-01 00:00:00'"
+    "'ab  ', 'emoji 😀 ünïcödé', x'00ff10', x'deadbeef', 1.5, -2.25, NULL, '-999999999999999999.9999999999', "
+    "'99999999999999999999', '-999999999999999999.9', '2024-01-01 00:00:00'"
 )
 EDGE_ROW_MIN = (
     "2, '-0.000000000000000000000000000001', '0.000000000001', '0.00', 0, 9223372036854775807, 0, 127, 0, "
     "8388607, 0, b'000000000001', 1901, 'a', '', '[]', '838:59:59.999999', '1000-01-01', "
     "'1000-01-01 00:00:00.000001', '2024-02-29 12:00:00', '1970-01-01 00:00:01.000000', "
-    "'', '', x'', x'', -1.5, 1e308, NULL, '0.0000000001', '2024-01-01 00:00:00'"
+    "'', '', x'', x'', -1.5, 1e308, NULL, '0.0000000001', '-1', '0.1', '2024-01-01 00:00:00'"
 )
 EDGE_ROW_NULLS = (
     "3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     "'-00:00:00.500000', '0000-00-00', '0000-00-00 00:00:00', '2024-00-00 00:00:00', NULL, "
-    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-01 00:00:00'"
+    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-01 00:00:00'"
 )
 
 
@@ -127,6 +128,8 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
         "dbl": pa.float64(),
         "all_null": pa.decimal128(9, 3),
         "d28": pa.decimal128(28, 10),
+        "d20i": pa.decimal128(20, 0),
+        "d19": pa.decimal128(19, 1),
     }
     for name, arrow in expected_types.items():
         assert schema.field(name).type == arrow, name
@@ -140,6 +143,9 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
     # the widest DECIMAL connectorx carries natively (no text cast), at both ends
     assert top["d28"] == Decimal("-999999999999999999.9999999999")
     assert low["d28"] == Decimal("0.0000000001") and nulls["d28"] is None
+    # more than 18 integer digits do not fit connectorx's 28 digits at scale 10 (read as text)
+    assert top["d20i"] == Decimal("99999999999999999999") and low["d20i"] == Decimal("-1")
+    assert top["d19"] == Decimal("-999999999999999999.9") and low["d19"] == Decimal("0.1")
     assert top["u64"] == 2**64 - 1
     assert top["i64"] == -(2**63) and low["i64"] == 2**63 - 1
     assert top["u32"] == 2**32 - 1 and top["i8"] == -128 and top["u8"] == 255 and top["m24"] == -8388608

@@ -246,12 +246,28 @@ class StorageRoot:
         return self.scheme == "abfs"
 
 
+# Azure's rule: 3-63 lowercase letters, digits and single hyphens, starting and ending alphanumeric.
+_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+
+
 def parse_root(url: str) -> StorageRoot:
     parsed = urlparse(url)
+    if parsed.query or parsed.fragment or "?" in url or "#" in url:
+        # Not echoed whole: a query here is most likely a SAS token.
+        shown = re.split(r"[?#]", url, maxsplit=1)[0]
+        raise ValueError(
+            f"storage root {shown!r} has a query or fragment: give Azure credentials through the Azure "
+            "resource (DATALAKE_AZURE_SAS_TOKEN, ...), not in the URL, which is recorded as dagster/uri"
+        )
     if parsed.scheme in _AZURE_SCHEMES:
         container, _, account_host = parsed.netloc.partition("@")
         if not container:
             raise ValueError(f"Azure root {url!r} names no container")
+        if not _CONTAINER.match(container):
+            raise ValueError(
+                f"Azure root {url!r}: {container!r} is not a container name (3-63 lowercase letters, "
+                "digits, hyphens); the form is abfs://<container>@<account>.dfs.core.windows.net/<path>"
+            )
         account = account_host.split(".")[0] if account_host else None
         base = posixpath.join(container, parsed.path.strip("/")).rstrip("/")
         return StorageRoot(url=url.rstrip("/"), scheme="abfs", base=base, account=account)

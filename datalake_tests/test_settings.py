@@ -92,6 +92,8 @@ def test_invalid_values_are_named(variable: str, value: str) -> None:
         ("abfs://@acct.dfs.core.windows.net/lake", "names no container"),
         ("tmp/lake", "absolute path"),
         ("file://tmp/lake", "absolute path"),
+        ("abfs://lake@acct.dfs.core.windows.net/silver?sv=2024&sig=abc", "query or fragment"),
+        ("abfs://acct.dfs.core.windows.net/lake/silver", "is not a container name"),
     ],
 )
 def test_bad_storage_roots_are_named_when_settings_load(root: str, message: str) -> None:

@@ -141,6 +141,14 @@ def test_root_urls_parse() -> None:
         parse_root("s3://bucket/x")
     with pytest.raises(ValueError, match="no container"):
         parse_root("abfs://@acct.dfs.core.windows.net/x")
+    # The account host where the container belongs (a root that would write to a container
+    # named after the host).
+    with pytest.raises(ValueError, match=r"'acct\.dfs\.core\.windows\.net' is not a container name"):
+        parse_root("abfs://acct.dfs.core.windows.net/lake/silver")
+    # A SAS in the URL would be recorded as every file's dagster/uri: refused, and not echoed.
+    with pytest.raises(ValueError, match="query or fragment") as refused:
+        parse_root("abfs://lake@acct.dfs.core.windows.net/silver?sv=2024&sig=SECRETSIG")
+    assert "SECRETSIG" not in str(refused.value)
     # az:// takes the account from the blob endpoint (Azurite's path-style URL, or the host).
     assert AzureBlobResource(blob_endpoint="http://127.0.0.1:10000/devstoreaccount1").account(None) == (
         "devstoreaccount1"

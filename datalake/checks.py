@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 import sqlalchemy as sa
 
-from datalake.extract import utc_naive
+from datalake.extract import outside_every_window, utc_naive
 from datalake.lake import DuckDBResource, ParquetPaths
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
@@ -151,7 +151,7 @@ def _null_cursor_check(spec: TableSpec) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=key,
         name="null_cursor_rows",
-        description=f"Counts source rows whose {cursor.column} is NULL; with null_cursor: skip they are "
+        description=f"Counts source rows whose {cursor.column} is NULL (or a zero date); with null_cursor: skip they are "
         "not extracted, so any is a warning.",
     )
     def _check(v3_source: V3SourceResource) -> dg.AssetCheckResult:
@@ -159,7 +159,9 @@ def _null_cursor_check(spec: TableSpec) -> dg.AssetChecksDefinition:
         with v3_source.engine().connect() as conn:
             count = int(
                 conn.execute(
-                    sa.select(sa.func.count()).select_from(table).where(table.c[cursor.column].is_(None))
+                    sa.select(sa.func.count())
+                    .select_from(table)
+                    .where(outside_every_window(table.c[cursor.column], cursor.kind))
                 ).scalar_one()
             )
         captured = spec.null_cursor is NullCursorPolicy.CAPTURE

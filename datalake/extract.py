@@ -485,13 +485,27 @@ class Plan:
         if not bounds:
             return None
         condition: sa.ColumnElement[bool] = sa.and_(*bounds)
+        cursor = self.spec.cursor
         captures_nulls = (
             self.spec.null_cursor is NullCursorPolicy.CAPTURE
-            and self.window.kind in (WindowKind.INCREMENTAL, WindowKind.EXPLICIT)
-            and self.spec.cursor is not None
-            and column.name == self.spec.cursor.column
+            and self.window.kind in (WindowKind.INCREMENTAL, WindowKind.EXPLICIT, WindowKind.FULL_REFRESH)
+            and cursor is not None
+            and column.name == cursor.column
         )
-        return sa.or_(condition, column.is_(None)) if captures_nulls else condition
+        if not captures_nulls or cursor is None:
+            return condition
+        return sa.or_(condition, outside_every_window(column, cursor.kind))
+
+
+def outside_every_window(column: sa.ColumnElement[Any], kind: CursorKind) -> sa.ColumnElement[bool]:
+    """Rows whose cursor no window holds: NULL, and for a time cursor MySQL's zero dates.
+
+    ``'0000-00-00'`` sorts below every ``lo`` and is not ``IS NULL`` in a NULLable column (bronze
+    stores it as NULL); nothing before year 1000 is a real DATETIME.
+    """
+    if kind is CursorKind.TIMESTAMP:
+        return sa.or_(column.is_(None), column < sa.literal("1000-01-01", sa.String()))
+    return column.is_(None)
 
 
 def resolve_bounds(

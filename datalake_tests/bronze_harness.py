@@ -15,7 +15,7 @@ import yaml
 
 from datalake.definitions import build_definitions
 from datalake.settings import Settings, resolve_settings
-from datalake_tests.helpers import mariadb_env
+from datalake_tests.helpers import mariadb_env, run_checks
 from datalake_tests.services import MariaDBServer
 
 SCHEMA = "edge_test"
@@ -82,6 +82,11 @@ class BronzeHarness:
         )
         events = result.get_asset_materialization_events()
         return events[0].materialization if events else None
+
+    def check(self, table: str, name: str) -> dg.AssetCheckEvaluation:
+        """Runs one asset check of ``bronze/<table>`` and returns its evaluation."""
+        key = dg.AssetCheckKey(dg.AssetKey(["bronze", table]), name)
+        return run_checks(build_definitions(self.settings()), {key}, self.instance)[(f"bronze/{table}", name)]
 
     @staticmethod
     def read(materialization: dg.AssetMaterialization | None) -> pa.Table:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import dagster as dg
+
     from datalake_tests.services import MariaDBServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,4 +71,31 @@ def mariadb_env(server: MariaDBServer, root: Path, **extra: str) -> dict[str, st
             "DATALAKE_BRONZE_MAX_RETRIES": "0",
             **extra,
         },
+    )
+
+
+def check_evaluations(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], dg.AssetCheckEvaluation]:
+    """The asset check evaluations of a run, by (asset key, check name)."""
+    return {
+        (
+            e.asset_check_evaluation_data.asset_key.to_user_string(),
+            e.asset_check_evaluation_data.check_name,
+        ): e.asset_check_evaluation_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def run_checks(
+    defs: dg.Definitions,
+    keys: set[dg.AssetCheckKey],
+    instance: dg.DagsterInstance,
+    partition: str | None = None,
+) -> dict[tuple[str, str], dg.AssetCheckEvaluation]:
+    """Runs just these asset checks, as the UI's "execute checks" does."""
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection=set(), asset_check_selection=keys
+    )
+    return check_evaluations(
+        job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False)
     )

@@ -434,19 +434,31 @@ def test_null_cursor_rows_follow_the_policy(harness: BronzeHarness, policy: str)
     h = harness
     _events(h)
     h.tables[-1]["null_cursor"] = policy
-    h.sql(
-        f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES "
-        "('legacy-1', NULL), ('legacy-2', NULL), ('dated', '2024-05-01')"
-    )
+    with h.admin.connect() as conn:
+        conn.exec_driver_sql("SET SESSION sql_mode = ''")  # legacy rows: a zero date, in a NULLable column
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES "
+            "('legacy-1', NULL), ('legacy-2', NULL), ('zero', '0000-00-00 00:00:00'), ('dated', '2024-05-01')"
+        )
     first = h.run("events")
     second = h.run("events")
+    full = h.run("events", config={"mode": "full_refresh"})
+    check = h.check("events", "null_cursor_rows")
+    # A zero date is no window's (it sorts below every lo, and is not IS NULL): a NULL cursor.
+    assert check.metadata["null_cursor_rows"].value == 3
     if policy == "capture":
         # Every incremental run reads them again (silver dedups); never silently lost.
-        assert meta(first, "dagster/row_count") == 3 and meta(first, "datalake/null_cursor_rows") == 2
-        assert meta(second, "dagster/row_count") == 2
+        assert meta(first, "dagster/row_count") == 4 and meta(first, "datalake/null_cursor_rows") == 3
+        assert meta(second, "dagster/row_count") == 3
+        assert meta(full, "dagster/row_count") == 4  # a full refresh is full
+        assert check.passed
     else:
-        assert meta(first, "dagster/row_count") == 1 and meta(first, "datalake/null_cursor_rows") == 0
+        # NULLs are never read; the zero date only by windows with no lower bound (the first
+        # run, a full refresh), where it sorts below hi.
+        assert meta(first, "dagster/row_count") == 2 and meta(first, "datalake/null_cursor_rows") == 1
         assert meta(second, "dagster/row_count") == 0
+        assert meta(full, "dagster/row_count") == 2
+        assert not check.passed
 
 
 def test_backfill_is_stateless_and_holds_exactly_that_day(harness: BronzeHarness) -> None:

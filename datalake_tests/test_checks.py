@@ -20,7 +20,7 @@ from datalake.definitions import BRONZE_JOB, SILVER_JOB, build_definitions
 from datalake.demo.generator import demo_engine
 from datalake.lake import DuckDBResource
 from datalake.settings import DEFAULT_REGISTRY, Settings, resolve_settings
-from datalake_tests.helpers import lake_env
+from datalake_tests.helpers import check_evaluations, lake_env, run_checks
 
 
 @pytest.fixture
@@ -33,29 +33,6 @@ def demo(tmp_path: Path) -> tuple[Settings, sa.Engine]:
     return settings, demo_engine(tmp_path / "demo", cdr_rows=500)
 
 
-def _checks(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], dg.AssetCheckEvaluation]:
-    return {
-        (
-            e.asset_check_evaluation_data.asset_key.to_user_string(),
-            e.asset_check_evaluation_data.check_name,
-        ): e.asset_check_evaluation_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
-
-
-def _run_checks(
-    defs: dg.Definitions,
-    keys: set[dg.AssetCheckKey],
-    instance: dg.DagsterInstance,
-    partition: str | None = None,
-) -> dict:
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(
-        asset_selection=set(), asset_check_selection=keys
-    )
-    return _checks(job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False))
-
-
 def test_primary_key_check_passes_on_silver_and_fails_on_duplicates_and_nulls(demo) -> None:
     settings, _ = demo
     defs = build_definitions(settings)
@@ -63,7 +40,7 @@ def test_primary_key_check_passes_on_silver_and_fails_on_duplicates_and_nulls(de
     today = dt.datetime.now(settings.tz).date().isoformat()
     defs.resolve_job_def(BRONZE_JOB).execute_in_process(partition_key=today, instance=instance)
     silver = defs.resolve_job_def(SILVER_JOB).execute_in_process(instance=instance)
-    evaluations = _checks(silver)
+    evaluations = check_evaluations(silver)
     pk = {k: v for k, v in evaluations.items() if k[1] == "primary_key_unique_and_not_null"}
     assert len(pk) >= 14 and all(v.passed for v in pk.values())
 
@@ -80,12 +57,12 @@ def test_primary_key_check_passes_on_silver_and_fails_on_duplicates_and_nulls(de
     )
     pq.write_table(broken.cast(broken.schema), path)
     key = dg.AssetCheckKey(dg.AssetKey(["silver", "partner_current"]), "primary_key_unique_and_not_null")
-    result = _run_checks(defs, {key}, instance)[("silver/partner_current", "primary_key_unique_and_not_null")]
+    result = run_checks(defs, {key}, instance)[("silver/partner_current", "primary_key_unique_and_not_null")]
     assert not result.passed
     assert result.metadata["null_keys"].value == 1
 
     pq.write_table(pa.concat_tables([table, table.slice(0, 2)]), path)
-    result = _run_checks(defs, {key}, instance)[("silver/partner_current", "primary_key_unique_and_not_null")]
+    result = run_checks(defs, {key}, instance)[("silver/partner_current", "primary_key_unique_and_not_null")]
     assert not result.passed and result.metadata["duplicate_keys"].value == 2
 
 
@@ -107,7 +84,7 @@ def test_blocking_primary_key_check_stops_downstream(tmp_path: Path) -> None:
 
     resources = build_resources(settings)
     result = dg.materialize([dup, after, check], resources=resources, raise_on_error=False)
-    (evaluation,) = _checks(result).values()
+    (evaluation,) = check_evaluations(result).values()
     assert not evaluation.passed and evaluation.metadata["duplicate_keys"].value == 1
     assert dg.AssetKey(["silver", "after"]) not in {
         e.materialization.asset_key for e in result.get_asset_materialization_events()
@@ -121,7 +98,7 @@ def test_window_reconciliation_detects_missing_rows(demo) -> None:
     today = dt.datetime.now(settings.tz).date().isoformat()
     key = dg.AssetKey(["bronze", "payment"])
     job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={key})
-    good = _checks(job.execute_in_process(partition_key=today, instance=instance))
+    good = check_evaluations(job.execute_in_process(partition_key=today, instance=instance))
     assert good[("bronze/payment", "window_reconciles_with_source")].passed
     # A row that appears inside the already-extracted window (e.g. restored from a backup):
     # the source now has more rows there than bronze read.
@@ -134,7 +111,7 @@ def test_window_reconciliation_detects_missing_rows(demo) -> None:
         new = dict(row, payment_id=10_000_000, reference="restored")
         conn.execute(sa.table("payment", *(sa.column(c) for c in new), schema="v3_billing").insert(), [new])
     check = dg.AssetCheckKey(key, "window_reconciles_with_source")
-    bad = _run_checks(defs, {check}, instance)[("bronze/payment", "window_reconciles_with_source")]
+    bad = run_checks(defs, {check}, instance)[("bronze/payment", "window_reconciles_with_source")]
     assert not bad.passed
     assert bad.metadata["source_rows_now"].value == bad.metadata["bronze_rows"].value + 1
 
@@ -163,7 +140,7 @@ def test_null_cursor_check_counts_rows_and_warns_when_skipped(
     assert nulls > 0
     defs = build_definitions(settings)
     check = dg.AssetCheckKey(dg.AssetKey(["bronze", "customer_address"]), "null_cursor_rows")
-    result = _run_checks(defs, {check}, dg.DagsterInstance.ephemeral())[
+    result = run_checks(defs, {check}, dg.DagsterInstance.ephemeral())[
         ("bronze/customer_address", "null_cursor_rows")
     ]
     assert result.passed is passes
@@ -183,12 +160,12 @@ def test_column_schema_change_check_flags_a_new_column(demo) -> None:
         c for c in defs.resolve_asset_graph().asset_check_keys if c.asset_key == key and "schema" in c.name
     ]
     assert checks
-    same = _run_checks(defs, set(checks), instance, partition=None)
+    same = run_checks(defs, set(checks), instance, partition=None)
     assert all(v.passed for v in same.values())
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE v3_partner.dealer ADD COLUMN tier VARCHAR(8)")
     job.execute_in_process(partition_key=today, instance=instance)
-    changed = _run_checks(defs, set(checks), instance, partition=None)
+    changed = run_checks(defs, set(checks), instance, partition=None)
     assert changed and not any(v.passed for v in changed.values())
 
 
@@ -240,10 +217,10 @@ def test_bronze_freshness_check_passes_when_fresh_and_fails_when_stale(demo, tmp
         for c in fresh_defs.resolve_asset_graph().asset_check_keys
         if c.asset_key == key and "fresh" in c.name
     ]
-    fresh = _run_checks(fresh_defs, {check}, instance)
+    fresh = run_checks(fresh_defs, {check}, instance)
     assert fresh[(key.to_user_string(), check.name)].passed
 
     time.sleep(2.5)
     stale_defs = defs_with("0.0005")  # 1.8 s
-    stale = _run_checks(stale_defs, {check}, instance)
+    stale = run_checks(stale_defs, {check}, instance)
     assert not stale[(key.to_user_string(), check.name)].passed

@@ -164,7 +164,9 @@ def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     # The driver's own values for JSON/SET (raw text) and TIME (a signed timedelta):
     # SQLAlchemy's result processors would parse JSON, make SET a Python set and turn TIME
     # into a time of day, which fails for negative values and values over 24 hours.
-    if isinstance(column.type, (sa.JSON, mysql.SET, sa.Time)):
+    # ENUM too: SQLAlchemy checks values against the labels it reflected, and MariaDB's SHOW
+    # CREATE TABLE shows a 4-byte UTF-8 label (an emoji) as '?', so the real value is refused.
+    if isinstance(column.type, (sa.JSON, mysql.SET, mysql.ENUM, sa.Time)):
         return sa.type_coerce(column, sa.types.NullType()).label(column.name)
     return column
 

@@ -168,9 +168,13 @@ def parse_registry(document: Any, *, origin: str = "registry") -> tuple[TableSpe
                     field, message = message.split(": ", 1)
                 errors.append(f"{label}: field '{field}': {message}")
             continue
-        for key, what in ((spec.qualified_name, "table"), (spec.asset_name, "asset name")):
+        asset_field = "name" if spec.name else "table"  # where this entry's asset name comes from
+        for key, what, field in (
+            (spec.qualified_name, "table", "table"),
+            (spec.asset_name, "asset name", asset_field),
+        ):
             if key in seen:
-                errors.append(f"{label}: field 'table': duplicate {what} {key!r} (also {seen[key]})")
+                errors.append(f"{label}: field '{field}': duplicate {what} {key!r} (also {seen[key]})")
             seen[key] = label
         specs.append(spec)
     if errors:

@@ -74,8 +74,11 @@ def test_bad_entry_names_entry_and_field(entry: dict[str, object], field: str, m
 def test_duplicate_entry_is_named() -> None:
     with pytest.raises(RegistryError) as info:
         parse_registry({"tables": [GOOD, dict(GOOD)]})
-    assert "tables[1] (v3_billing.invoice)" in str(info.value)
-    assert "duplicate" in str(info.value)
+    assert "tables[1] (v3_billing.invoice): field 'table': duplicate table" in str(info.value)
+    # Two tables under one asset name: the field that gave the name is named.
+    with pytest.raises(RegistryError) as info:
+        parse_registry({"tables": [GOOD, {**GOOD, "table": "invoice_archive", "name": "invoice"}]})
+    assert "field 'name': duplicate asset name 'invoice'" in str(info.value)
 
 
 def test_every_bad_entry_is_reported_at_once() -> None:

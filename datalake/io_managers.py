@@ -411,11 +411,19 @@ class ParquetIOManager(_LakeRoot):
         unknown = sorted(str(k) for k in obj if k not in files)
         if unknown:
             raise dg.Failure(f"partition keys {unknown} are not targeted by this run")
+        left = [key for key in files if key not in obj]
+        if left and not obj:
+            # Nothing to take the schema of their empty files from; refused before any write.
+            raise dg.Failure(
+                f"the output is an empty dict for partitions {left[0]}..{left[-1]}: return an empty "
+                "frame with the schema for a partition without rows"
+            )
         results = {key: write_output(storage, files[key], value, **bounds) for key, value in obj.items()}
         schema = next((r.schema for r in results.values() if r.schema is not None), None)
-        for key in files:
-            if key not in results and schema is not None:
-                results[key] = write_output(storage, files[key], schema.empty_table(), **bounds)
+        for key in left:
+            if schema is None:
+                raise dg.Failure(f"no partition's output has a schema to write partition {key} empty with")
+            results[key] = write_output(storage, files[key], schema.empty_table(), **bounds)
         return results
 
     def load_input(self, context: dg.InputContext) -> Any:

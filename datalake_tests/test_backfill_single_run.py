@@ -271,3 +271,28 @@ def test_a_date_partition_column_finds_its_day_when_midnight_does_not_exist(
     assert [pl.read_parquet(f)["usage_date"].to_list() for f in files] == [
         [dt.date.fromisoformat(d)] * 2 for d in days
     ]
+
+
+def test_an_empty_dict_range_output_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """No frame at all gives no schema for the range's empty files: a clear failure, not
+    materializations without files."""
+
+    @dg.asset(
+        partitions_def=DAILY,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        io_manager_key="silver_io_manager",
+    )
+    def usage(context: dg.AssetExecutionContext) -> dict[str, pl.DataFrame]:
+        return {}
+
+    result = dg.materialize(
+        [usage],
+        resources={"silver_io_manager": ParquetIOManager(root=str(tmp_path))},
+        tags=RANGE_TAGS,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert failure is not None and "empty dict for partitions 2025-03-01..2025-03-10" in failure.message
+    assert not result.get_asset_materialization_events()
+    assert not list(tmp_path.rglob("*.parquet"))

@@ -46,8 +46,9 @@ class AzureBlobResource(AzureAccess):
     """
 
     # DefaultAzureCredential (managed identity, workload identity, az login) unless a key or SAS is given.
+    # repr=False: a resource's repr (an f-string in a log line, an error) must not carry the key.
     credential: ADLS2Key | ADLS2SASToken | ADLS2DefaultAzureCredential = Field(
-        default=ADLS2DefaultAzureCredential(kwargs={}), discriminator="credential_type"
+        default=ADLS2DefaultAzureCredential(kwargs={}), discriminator="credential_type", repr=False
     )
     blob_endpoint: str | None = None
     account_name: str | None = None

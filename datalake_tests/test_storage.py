@@ -156,6 +156,27 @@ def test_root_urls_parse() -> None:
     assert AzureBlobResource(blob_endpoint="https://acct2.blob.core.windows.net").account(None) == "acct2"
 
 
+def test_azure_credentials_stay_out_of_reprs() -> None:
+    """A resource's repr (an f-string in a log line, an error message) carries no key or SAS."""
+    from dagster_azure.adls2 import ADLS2Key, ADLS2SASToken
+
+    from datalake.io_managers import DuckDBPathInputManager, ParquetIOManager
+
+    root = "abfs://lake@acct.dfs.core.windows.net/silver"
+    for credential, secret in (
+        (ADLS2Key(key="KEY-never-shown=="), "KEY-never-shown"),
+        (ADLS2SASToken(token="sv=2024&sig=SAS-never-shown"), "SAS-never-shown"),
+    ):
+        azure = AzureBlobResource(credential=credential, blob_endpoint="http://127.0.0.1:1/acct")
+        for resource in (
+            azure,
+            ParquetIOManager(root=root, azure=azure),
+            DuckDBPathInputManager(roots={"silver_io_manager": root}, azure=azure),
+        ):
+            assert secret not in repr(resource) and secret not in str(resource)
+            assert "AzureBlobResource(" in repr(resource)  # shown, just without its credential
+
+
 def test_in_progress_and_hidden_names_are_invisible(tmp_path: Path) -> None:
     storage = LakeStorage(str(tmp_path))
     for name in (

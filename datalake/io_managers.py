@@ -505,13 +505,29 @@ class DuckDBPathInputManager(dg.ConfigurableIOManager):
             "duckdb_path_input_manager only loads inputs; store outputs with a lake IO manager"
         )
 
-    def load_input(self, context: dg.InputContext) -> ParquetPaths:
+    def _upstream_role(self, context: dg.InputContext) -> str:
+        """The IO manager key the upstream asset is stored by: the first known of the asset
+        graph's (``@asset(io_manager_key=…)`` or ``AssetSpec.with_io_manager_key``), the upstream
+        output's ``dagster/io_manager_key`` metadata, and the role of its layer prefix."""
+        candidates: list[str] = []
+        try:
+            graph = context.step_context.job_def.asset_layer.asset_graph
+            candidates.append(graph.get(context.asset_key).io_manager_key)
+        except Exception:  # a bare InputContext (direct call): no job to ask
+            pass
         upstream = context.upstream_output
-        role = (upstream.definition_metadata or {}).get(IO_MANAGER_KEY_METADATA) if upstream else None
-        # Inputs of asset checks don't see the upstream's definition metadata: fall back to the
-        # role of the asset key's layer prefix (bronze/…, silver/…, revsci/…).
-        role = role or self.layer_roles.get(context.asset_key.path[0])
-        role = str(role) if role else "io_manager"
+        metadata_role = (
+            (upstream.definition_metadata or {}).get(IO_MANAGER_KEY_METADATA) if upstream else None
+        )
+        if metadata_role:
+            candidates.append(str(metadata_role))
+        layer_role = self.layer_roles.get(context.asset_key.path[0])
+        if layer_role:
+            candidates.append(layer_role)
+        return next((c for c in candidates if c in self.roots), candidates[0] if candidates else "io_manager")
+
+    def load_input(self, context: dg.InputContext) -> ParquetPaths:
+        role = self._upstream_role(context)
         root = self.roots.get(role)
         if root is None:
             raise dg.Failure(

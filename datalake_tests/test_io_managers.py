@@ -555,6 +555,38 @@ def test_path_input_manager_hands_one_range_or_all_partitions(lake_root: LakeRoo
         assert all(f.startswith("abfs://") for f in seen["all"]["files"])
 
 
+def test_path_input_finds_an_upstream_by_its_io_manager_key_not_its_key_prefix(tmp_path: Path) -> None:
+    """``@asset(io_manager_key=…)`` under a key whose prefix names no layer (gold/…): the input
+    reads from that IO manager's root, as a whole run and as a downstream-only run."""
+    roots = {"silver_io_manager": str(tmp_path / "silver"), "revsci_io_manager": str(tmp_path / "gold")}
+
+    @dg.asset(key=["gold", "usage"], io_manager_key="revsci_io_manager")
+    def usage() -> pl.DataFrame:
+        return pl.DataFrame({"v": [1, 2, 3]})
+
+    @dg.asset(
+        key=["silver", "usage_total"],
+        io_manager_key="silver_io_manager",
+        ins={"upstream": dg.AssetIn(key=usage.key, input_manager_key="duckdb_path_input_manager")},
+    )
+    def usage_total(upstream: ParquetPaths, duckdb_resource: DuckDBResource) -> pl.DataFrame:
+        total = upstream.relation(duckdb_resource.connect()).aggregate("sum(v)").fetchall()[0][0]
+        return pl.DataFrame({"total": [int(total)]})
+
+    resources = {
+        "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"]),
+        "revsci_io_manager": ParquetIOManager(root=roots["revsci_io_manager"]),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    for selection in (None, [usage_total]):
+        assert dg.materialize([usage, usage_total], resources=resources, selection=selection).success
+        assert pl.read_parquet(tmp_path / "silver" / "usage_total" / "usage_total.parquet")[
+            "total"
+        ].to_list() == [6]
+        (tmp_path / "silver" / "usage_total" / "usage_total.parquet").unlink()
+
+
 @pytest.mark.azurite
 @pytest.mark.parametrize("reader", ["arrow", "adlfs"])
 def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(

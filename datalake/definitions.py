@@ -15,7 +15,12 @@ from datalake.assets.bronze import build_bronze_assets
 from datalake.assets.revsci import build_partner_sync_sensor, build_revsci_assets
 from datalake.assets.silver import build_silver_assets
 from datalake.checks import build_checks
-from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
+from datalake.io_managers import (
+    BronzeIOManager,
+    DuckDBPathInputManager,
+    ParquetIOManager,
+    check_storage_names,
+)
 from datalake.lake import DuckDBResource
 from datalake.settings import (
     BRONZE,
@@ -103,6 +108,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     specs = load_registry(settings.registry_path)
     bronze = build_bronze_assets(specs, settings)
     downstream = [*build_silver_assets(specs, settings), *build_revsci_assets(specs, settings)]
+    check_storage_names([*bronze, *downstream])
     checks, check_sensors = build_checks(
         specs, bronze, downstream, dt.timedelta(hours=settings.bronze_freshness_hours)
     )

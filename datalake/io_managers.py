@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections.abc
 import itertools
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,27 @@ BRONZE_ROLE = "bronze_io_manager"
 
 
 def _asset_name(key: dg.AssetKey) -> str:
+    """What names an asset's files under its root: the last part of its key."""
     return key.path[-1]
+
+
+def check_storage_names(assets: Iterable[dg.AssetsDefinition]) -> None:
+    """Refuses (at load) two assets whose files would be one another's: same root, same name.
+
+    ``silver/customers/current`` and ``silver/partners/current`` both write ``current/…`` under
+    the silver root; each run would overwrite the other's files and readers get the wrong table.
+    """
+    seen: dict[tuple[str, str], dg.AssetKey] = {}
+    for assets_def in assets:
+        for key in assets_def.keys:
+            role = assets_def.get_io_manager_key_for_asset_key(key)
+            other = seen.setdefault((role, _asset_name(key)), key)
+            if other != key:
+                raise ValueError(
+                    f"assets {other.to_user_string()} and {key.to_user_string()} would write the same "
+                    f"files ({_asset_name(key)}/… under {role}'s root, named by the last part of the key): "
+                    "rename one"
+                )
 
 
 class _LakeRoot(dg.ConfigurableIOManager):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 
 from datalake.definitions import build_definitions
 from datalake.settings import resolve_settings
@@ -85,3 +86,23 @@ def test_every_bronze_asset_is_daily_partitioned_and_pooled() -> None:
     assert assets["silver/billing_cdr"]["backfill_policy"] is not None
     assert assets["revsci/billing_usage_aggregated"]["group"] == "vanguard_wholesale"
     assert assets["revsci/billing_usage_aggregated"]["partitions"]["type"] == "DynamicPartitionsDefinition"
+
+
+def test_two_assets_that_would_share_files_are_refused_at_load() -> None:
+    """Files are named by the last part of the key under the IO manager's root: two assets with
+    the same last part and IO manager would overwrite each other (different managers are fine)."""
+    from datalake.io_managers import check_storage_names
+
+    def asset(*path: str, io_manager_key: str = "silver_io_manager") -> dg.AssetsDefinition:
+        @dg.asset(key=list(path), io_manager_key=io_manager_key)
+        def _asset() -> None: ...
+
+        return _asset
+
+    with pytest.raises(
+        ValueError, match=r"silver/customers/current and silver/partners/current .* rename one"
+    ):
+        check_storage_names([asset("silver", "customers", "current"), asset("silver", "partners", "current")])
+    check_storage_names(
+        [asset("silver", "current"), asset("revsci", "current", io_manager_key="revsci_io_manager")]
+    )

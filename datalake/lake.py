@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalake.settings import default_duckdb_spill_directory
-from datalake.storage import LakeStorage, ProtocolAlias, safe_segment
+from datalake.storage import SPLIT_AZURE_BLOCK_SIZE, LakeStorage, ProtocolAlias, safe_segment
 
 # polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
 # together they are ~40 MB of a run worker's memory.
@@ -547,7 +547,8 @@ def write_partitions(
     ``row_group_bytes``). When the buffers together pass ``PENDING_ROW_GROUPS`` row groups (in rows
     or in bytes), the fullest idle ones are written as short row groups — for output ordered by
     partition (the usual case) only the partition being filled stays buffered. Each open
-    partition file costs about 1 MB more (its writer's encoders).
+    partition file costs about 1 MB more (its writer's encoders), and on Azure up to
+    ``SPLIT_AZURE_BLOCK_SIZE`` (1 MiB) of bytes not yet staged.
     """
     schema, batches = record_batches(obj, row_group_size, row_group_bytes, row_bytes)
     keys = assigner.keys
@@ -561,7 +562,7 @@ def write_partitions(
     with contextlib.ExitStack() as stack:
 
         def open_sink(i: int) -> _ParquetSink:
-            handle = stack.enter_context(storage.atomic_writer(files[keys[i]]))
+            handle = stack.enter_context(storage.atomic_writer(files[keys[i]], SPLIT_AZURE_BLOCK_SIZE))
             sink = _ParquetSink(
                 handle, schema, row_group_size, SPLIT_DICTIONARY_PAGE_LIMIT, row_group_bytes=row_group_bytes
             )

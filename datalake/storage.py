@@ -42,6 +42,9 @@ INPROGRESS_MARKER = ".inprogress-"
 # Staged-block size for Azure writes. adlfs' default (50 MiB) is held in memory per open file; a
 # range backfill keeps one file open per partition, so smaller blocks bound its memory.
 AZURE_BLOCK_SIZE = 8 * 2**20
+# The same for each file of a range split, which keeps every partition's file open until the end
+# (a year's backfill: 365 x 8 MiB). 1 MiB blocks still allow 48 GiB per file (50,000 blocks).
+SPLIT_AZURE_BLOCK_SIZE = 2**20
 _AZURE_SCHEMES = ("abfs", "abfss", "az")
 # Leftovers of a killed local write are removed by the next write of the same file once this old;
 # younger ones may still belong to a live writer (a zombie attempt of the same run).
@@ -374,10 +377,11 @@ class LakeStorage:
 
     # --- writing --------------------------------------------------------------
     @contextlib.contextmanager
-    def atomic_writer(self, relative: str) -> Iterator[IO[bytes]]:
+    def atomic_writer(self, relative: str, azure_block_size: int = AZURE_BLOCK_SIZE) -> Iterator[IO[bytes]]:
         """A binary file that becomes visible under ``relative`` only if the block exits cleanly.
 
-        An existing file of that name (a retry of the same run) stays readable until replaced.
+        An existing file of that name (a retry of the same run) stays readable until replaced. On
+        Azure up to ``azure_block_size`` bytes are held in memory before they are staged.
         """
         final = self.path(relative)
         if not self.root.is_azure:
@@ -400,7 +404,7 @@ class LakeStorage:
             return
         # Azure: blocks are staged as they are written and committed by close(); on failure we
         # drop the handle instead of closing it, so no blob (or a previous version) changes.
-        handle: Any = self.fs.open(final, "wb", block_size=AZURE_BLOCK_SIZE)
+        handle: Any = self.fs.open(final, "wb", block_size=azure_block_size)
         try:
             yield cast(IO[bytes], handle)
         except BaseException:

@@ -222,16 +222,20 @@ class BronzeIOManager(_LakeRoot):
         storage = self.storage()
         files, all_files, keys = _bronze_listing(storage, context)
         wanted = _wanted(context)
-        if not files:
-            schema = resolve_schema(storage, context, all_files)
-            return _shape({"": _empty(schema)}, _Wanted(wanted.lazy, as_dict=False))
-        if wanted.as_dict and keys is not None:
-            by_key = {k: [f for f in files if bronze_partition_of(f) == k] for k in keys}
-            schema = resolve_schema(storage, context, files)
-            return _shape(
-                {k: _scan(storage, fs) if fs else _empty(schema) for k, fs in by_key.items()}, wanted
-            )
-        return _shape({"": _scan(storage, files)}, _Wanted(wanted.lazy, as_dict=False))
+        # A dict when asked for, or (unannotated) when several partitions are mapped: as silver.
+        if keys is None or not (wanted.as_dict or (wanted.as_dict is None and len(keys) > 1)):
+            frame = _scan(storage, files) if files else _empty(resolve_schema(storage, context, all_files))
+            return _shape({"": frame}, _Wanted(wanted.lazy, as_dict=False))
+        by_key = {k: [f for f in files if bronze_partition_of(f) == k] for k in keys}
+        frames: dict[str, pl.LazyFrame] = {}
+        schema: pa.Schema | None = None
+        for key, key_files in by_key.items():
+            if key_files:
+                frames[key] = _scan(storage, key_files)
+            else:
+                schema = schema or resolve_schema(storage, context, files or all_files)
+                frames[key] = _empty(schema)
+        return _shape(frames, _Wanted(wanted.lazy, as_dict=True))
 
 
 def _write_bronze(

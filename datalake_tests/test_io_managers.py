@@ -242,12 +242,33 @@ def test_bronze_loads_frames_by_annotation(lake_root: LakeRoot) -> None:
         seen["by_day"] = events
         return pl.DataFrame({"n": [len(events)]})
 
+    @dg.asset(ins={"events": bronze_in}, io_manager_key="silver_io_manager")
+    def unannotated(events) -> pl.DataFrame:  # no annotation: the IO manager picks the shape
+        seen["unannotated"] = events
+        return pl.DataFrame({"n": [len(events)]})
+
+    @dg.asset(ins={"events": bronze_in}, partitions_def=DAILY, io_manager_key="silver_io_manager")
+    def one_day(events: dict[str, pl.DataFrame]) -> pl.DataFrame:
+        seen["one_day"] = events
+        return pl.DataFrame({"n": [len(events)]})
+
     result = dg.materialize(
-        [bronze_events, lazy_all, eager_by_day],
+        [bronze_events, lazy_all, eager_by_day, unannotated],
         resources=_resources(lake_root),
-        selection=[lazy_all, eager_by_day],
+        selection=[lazy_all, eager_by_day, unannotated],
     )
     assert result.success
+    # Unannotated over several partitions: a dict, as the Parquet IO manager gives.
+    assert isinstance(seen["unannotated"], dict) and set(DAYS) <= set(seen["unannotated"])
+    # A dict asked for one day without files: that day, empty with the schema (not a bare frame).
+    assert dg.materialize(
+        [bronze_events, one_day], resources=_resources(lake_root), selection=[one_day], partition_key=DAYS[2]
+    ).success
+    assert list(seen["one_day"]) == [DAYS[2]] and seen["one_day"][DAYS[2]].columns[:3] == [
+        "id",
+        "ts",
+        "amount",
+    ]
     lazy = seen["lazy"]
     assert isinstance(lazy, pl.LazyFrame)
     plan = lazy.explain()

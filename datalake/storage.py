@@ -437,11 +437,16 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_.=@:+-]+$")
+# '|' joins a multi-partition key's dimensions; inner spaces appear in static keys. Never a path
+# or glob character (/ \\ * ? [ ] { }), nor % or # (URL escapes and fragments on Azure).
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_.=@:+|-]([A-Za-z0-9_.=@:+| -]*[A-Za-z0-9_.=@:+|-])?$")
 
 
 def safe_segment(value: str) -> str:
     """Validates a path segment built from a key (partition key, table, run id)."""
     if not _SAFE_SEGMENT.fullmatch(value) or value in (".", "..") or value.startswith("."):
-        raise ValueError(f"unsafe path segment {value!r}")
+        raise ValueError(
+            f"unsafe path segment {value!r}: a partition key or name may hold letters, digits, "
+            "spaces inside, and _ . = @ : + | - (it names a file)"
+        )
     return value

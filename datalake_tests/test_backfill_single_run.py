@@ -296,3 +296,46 @@ def test_an_empty_dict_range_output_is_refused_and_writes_nothing(tmp_path: Path
     assert failure is not None and "empty dict for partitions 2025-03-01..2025-03-10" in failure.message
     assert not result.get_asset_materialization_events()
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_multi_partition_and_spaced_static_keys_are_stored_and_read(lake_root: LakeRoot) -> None:
+    """A multi-partition key ('2025-03-01|eu') and a static key with a space name files too;
+    both IO managers and the path input manager read them back."""
+    multi = dg.MultiPartitionsDefinition(
+        {
+            "date": dg.DailyPartitionsDefinition(start_date="2025-03-01", end_date="2025-03-03"),
+            "region": dg.StaticPartitionsDefinition(["eu", "north america"]),
+        }
+    )
+    key = dg.MultiPartitionKey({"date": "2025-03-01", "region": "north america"})
+    seen: dict[str, Any] = {}
+
+    @dg.asset(key=["silver", "regional"], partitions_def=multi, io_manager_key="silver_io_manager")
+    def regional(context: dg.AssetExecutionContext) -> pl.DataFrame:
+        return pl.DataFrame({"partition": [context.partition_key] * 3})
+
+    @dg.asset(
+        key=["silver", "regional_paths"],
+        partitions_def=multi,
+        io_manager_key="silver_io_manager",
+        ins={"paths": dg.AssetIn(key=regional.key, input_manager_key="duckdb_path_input_manager")},
+    )
+    def regional_paths(
+        paths: ParquetPaths, duckdb_resource: DuckDBResource, regional: pl.DataFrame
+    ) -> pl.DataFrame:
+        seen["duckdb"] = paths.relation(duckdb_resource.connect()).aggregate("count(*)").fetchall()[0][0]
+        seen["polars"] = regional.height
+        return regional
+
+    silver = lake_root.sub("silver")
+    resources = {
+        "silver_io_manager": ParquetIOManager(root=silver, azure=lake_root.azure),
+        "duckdb_path_input_manager": DuckDBPathInputManager(
+            roots={"silver_io_manager": silver}, azure=lake_root.azure
+        ),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    assert dg.materialize([regional, regional_paths], resources=resources, partition_key=str(key)).success
+    assert seen == {"duckdb": 3, "polars": 3}
+    storage = LakeStorage(silver, lake_root.azure)
+    assert "regional/2025-03-01|north america.parquet" in storage.list_files("regional/")

@@ -44,7 +44,7 @@ from datalake.lake import (
     bronze_prefix,
     loaded_class,
     output_metadata,
-    schema_from_table_schema,
+    schema_from_metadata,
     write_output,
     write_parquet,
     write_partitions,
@@ -178,7 +178,7 @@ def resolve_schema(storage: LakeStorage, context: dg.InputContext, candidates: S
     if upstream is not None:
         metadata_sources.append(upstream.definition_metadata or {})
     for metadata in metadata_sources:
-        schema = schema_from_table_schema(metadata.get("dagster/column_schema"))
+        schema = schema_from_metadata(metadata)
         if schema is not None:
             return schema
     raise dg.Failure(

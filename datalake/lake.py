@@ -9,6 +9,7 @@ Every file is zstd-compressed with statistics and appears atomically (``LakeStor
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import os
@@ -144,7 +145,7 @@ def table_schema(schema: pa.Schema) -> dg.TableSchema:
 _TIMESTAMP = re.compile(r"timestamp\[(s|ms|us|ns)(?:, tz=(.+))?\]")
 _DECIMAL = re.compile(r"decimal(32|64|128|256)\((\d+), (-?\d+)\)")
 _FIXED_BINARY = re.compile(r"fixed_size_binary\[(\d+)\]")
-_LIST = re.compile(r"(large_)?list<item: (.+)>")
+_LIST = re.compile(r"(large_)?list<\w+: (.+)>")
 _DICTIONARY = re.compile(r"dictionary<values=(.+), indices=\w+, ordered=\d>")
 
 
@@ -178,6 +179,29 @@ def schema_from_table_schema(value: Any) -> pa.Schema | None:
         return pa.schema([pa.field(c.name, arrow_type(c.type)) for c in value.columns])
     except ValueError:
         return None
+
+
+# The exact Arrow schema (IPC, base64), recorded only where dagster/column_schema's type strings do
+# not rebuild it (structs, maps, dictionaries…): what an empty input of the asset is made from.
+ARROW_SCHEMA_KEY = "datalake/arrow_schema"
+
+
+def _exact_schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    rebuilt = schema_from_table_schema(table_schema(schema))
+    if rebuilt is not None and rebuilt.names == schema.names and rebuilt.types == schema.types:
+        return {}
+    return {ARROW_SCHEMA_KEY: base64.b64encode(schema.remove_metadata().serialize().to_pybytes()).decode()}
+
+
+def schema_from_metadata(metadata: Mapping[str, Any]) -> pa.Schema | None:
+    """The schema a materialization (or a definition) records: exact if it was, else rebuilt."""
+    exact = metadata.get(ARROW_SCHEMA_KEY)
+    if isinstance(exact, dg.TextMetadataValue):
+        exact = exact.value
+    if isinstance(exact, str):
+        with contextlib.suppress(ValueError, pa.ArrowInvalid):
+            return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(exact)))
+    return schema_from_table_schema(metadata.get("dagster/column_schema"))
 
 
 # --- writing -----------------------------------------------------------------------
@@ -636,6 +660,7 @@ def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[
         metadata["dagster/partition_row_count"] = written.rows
     if written.schema is not None:
         metadata["dagster/column_schema"] = table_schema(written.schema)
+        metadata.update(_exact_schema_metadata(written.schema))
     return metadata
 
 

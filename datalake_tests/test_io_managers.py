@@ -852,3 +852,47 @@ def test_group_moves_to_azure_by_configuration_alone(
         assert outcomes[name].keys() == local.keys()
         for key, frame in local.items():
             assert comparable(outcomes[name][key]).equals(comparable(frame)), (name, key)
+
+
+def test_an_upstream_without_files_is_empty_with_its_exact_nested_schema(tmp_path: Path) -> None:
+    """No file left (a root moved): the empty input is rebuilt from the last materialization's
+    metadata, exactly, structs, maps and named list items included."""
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("tags", pa.list_(pa.field("l", pa.int32()))),
+            ("address", pa.struct([("city", pa.string()), ("zip", pa.int32())])),
+            ("attrs", pa.map_(pa.string(), pa.float64())),
+        ]
+    )
+    roots = {"silver_io_manager": str(tmp_path / "silver")}
+    seen: dict[str, Any] = {}
+
+    @dg.asset(key=["silver", "nested"], io_manager_key="silver_io_manager")
+    def nested() -> pa.Table:
+        return pa.table(
+            {
+                "id": [1],
+                "tags": [[1, 2]],
+                "address": [{"city": "Bonn", "zip": 53111}],
+                "attrs": [[("a", 1.0)]],
+            },
+            schema=schema,
+        )
+
+    @dg.asset(ins={"upstream": dg.AssetIn(key=nested.key, input_manager_key="duckdb_path_input_manager")})
+    def reader(upstream: ParquetPaths) -> None:
+        seen["schema"], seen["files"] = upstream.schema, upstream.files
+
+    resources = {
+        "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"]),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([nested], resources=resources, instance=instance).success
+    (tmp_path / "silver" / "nested" / "nested.parquet").unlink()
+    assert dg.materialize(
+        [nested, reader], resources=resources, instance=instance, selection=[reader]
+    ).success
+    assert seen["files"] == ()
+    assert seen["schema"].names == schema.names and seen["schema"].types == schema.types

@@ -422,9 +422,14 @@ class SourceDialect:
         if self.name != "mysql":
             return None
         try:
+            # Only transactions that can still commit rows stamped before now: not read-only ones
+            # (other extractions' snapshots, reports), nor idle ones that have written nothing —
+            # their next statement starts after now, so its NOW() is later than hi. An idle pooled
+            # BEGIN would otherwise hold every table's hi back for as long as it stays open.
             return conn.exec_driver_sql(
                 "SELECT CONVERT_TZ(MIN(trx_started), 'SYSTEM', '+00:00') FROM information_schema.innodb_trx "
-                "WHERE trx_mysql_thread_id <> CONNECTION_ID()"
+                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0 "
+                "AND (trx_rows_modified > 0 OR trx_rows_locked > 0 OR trx_query IS NOT NULL)"
             ).scalar()
         except sqlalchemy.exc.DBAPIError as exc:
             log(f"cannot read information_schema.innodb_trx ({type(exc.orig).__name__}); hi is not capped")

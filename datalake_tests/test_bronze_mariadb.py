@@ -392,6 +392,33 @@ def test_late_commit_is_read_by_a_later_run(harness: BronzeHarness) -> None:
     assert sorted(payloads) == ["after", "early", "late"]
 
 
+def test_idle_and_read_only_transactions_do_not_hold_hi_back(harness: BronzeHarness) -> None:
+    """An idle BEGIN that has written nothing (a pooled connection) and a read-only snapshot (a
+    report, another extraction) cannot commit rows stamped before now: rows written after they
+    began are read by the run."""
+    h = harness
+    _events(h)
+    idle = h.admin.connect().execution_options(isolation_level="REPEATABLE READ")
+    reader = h.admin.connect()
+    try:
+        idle.begin()
+        idle.exec_driver_sql(f"SELECT count(*) FROM {SCHEMA}.events").all()  # a snapshot, no writes
+        reader.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        reader.exec_driver_sql(f"SELECT count(*) FROM {SCHEMA}.events").all()
+        open_ones = h.sql("SELECT count(*) FROM information_schema.innodb_trx")[0][0]
+        assert open_ones >= 2  # both are open transactions to InnoDB
+        time.sleep(1.1)  # trx_started has whole seconds
+        h.sql(
+            f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('after-them', NOW(6) - INTERVAL 0.5 SECOND)"
+        )
+        run = h.run("events")
+    finally:
+        idle.close()
+        reader.close()
+    assert meta(run, "dagster/row_count") == 1
+    assert h.bronze("events").column("payload").to_pylist() == ["after-them"]
+
+
 def test_rerun_without_source_change_reads_nothing(harness: BronzeHarness) -> None:
     h = harness
     _events(h)

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.dialects import mysql
 
-from datalake.lake import FETCHES_PER_ROW_GROUP, rows_per_fetch
+from datalake.lake import FETCHES_PER_ROW_GROUP, delta_encodable, rows_per_fetch
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
 
 RUN_ID_COLUMN = "_datalake_run_id"
@@ -255,6 +255,14 @@ class ExtractionStats:
 # on the benchmark's CDR table) and picks the same columns there but one that repeats only
 # across 100k rows.
 DICTIONARY_MAX_DISTINCT_SHARE = 0.5
+# Integer-like columns (integers, times, decimals up to 18 digits) are delta-encoded without a
+# dictionary, which costs far less to write: they get one only where their values repeat much
+# more. Measured on the benchmark's CDR table (distinct shares in the sample: partner 0.003,
+# customer 0.11, subscription 0.15, duration 0.19, bytes 0.30, cost 0.47): a dictionary on the
+# customer or subscription made the file larger and the writer slower; on the other three it
+# saved ~3% of the file for ~40% more writer CPU. With this share the writer uses ~15% less CPU
+# for a 1.6% larger file.
+DICTIONARY_MAX_DISTINCT_SHARE_INTEGER = 0.05
 DICTIONARY_SAMPLE_ROWS = ARROW_FETCH_ROWS
 # Columns whose values average more than this (documents, blobs) are never dictionary-encoded
 # and not counted: counting hashes a copy of every sampled value (on 500 KB documents that copy
@@ -277,16 +285,19 @@ def dictionary_columns(spec: TableSpec, first: pa.Table) -> list[str]:
     if len(spec.primary_key) == 1:  # one column of a composite key may well repeat
         unique.add(spec.primary_key[0])
     sample = first.slice(0, DICTIONARY_SAMPLE_ROWS)
-    limit = DICTIONARY_MAX_DISTINCT_SHARE * sample.num_rows
     wide = DICTIONARY_MAX_VALUE_BYTES * sample.num_rows
-    return [
-        name
-        for name in sample.column_names
-        if name not in unique
-        and (
-            not sample.num_rows
-            or (sample.column(name).nbytes <= wide and pc.count_distinct(sample.column(name)).as_py() < limit)
+
+    def repeats(name: str) -> bool:
+        column = sample.column(name)
+        share = (
+            DICTIONARY_MAX_DISTINCT_SHARE_INTEGER
+            if delta_encodable(column.type)
+            else DICTIONARY_MAX_DISTINCT_SHARE
         )
+        return column.nbytes <= wide and pc.count_distinct(column).as_py() < share * sample.num_rows
+
+    return [
+        name for name in sample.column_names if name not in unique and (not sample.num_rows or repeats(name))
     ]
 
 

@@ -222,7 +222,7 @@ class WriteResult:
 Dictionary = bool | list[str] | Callable[[pa.Table], list[str]]
 
 
-def _integer_like(type_: pa.DataType) -> bool:
+def delta_encodable(type_: pa.DataType) -> bool:
     """Stored as Parquet INT32/INT64 (decimals up to 18 digits too, see _ParquetSink.writer):
     what DELTA_BINARY_PACKED encodes."""
     t = pa.types
@@ -246,7 +246,9 @@ def _encodings(schema: pa.Schema, dictionary: bool | list[str]) -> dict[str, str
     if dictionary is True:
         return None
     chosen = set(dictionary) if isinstance(dictionary, list) else set()
-    delta = {f.name: "DELTA_BINARY_PACKED" for f in schema if f.name not in chosen and _integer_like(f.type)}
+    delta = {
+        f.name: "DELTA_BINARY_PACKED" for f in schema if f.name not in chosen and delta_encodable(f.type)
+    }
     return delta or None
 
 

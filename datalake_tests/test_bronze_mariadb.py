@@ -228,13 +228,15 @@ def test_row_groups_follow_batch_size_dictionaries_where_values_repeat_and_delta
     h = harness
     h.sql(
         f"""CREATE TABLE {SCHEMA}.calls (id INT PRIMARY KEY, kind VARCHAR(8) NOT NULL, partner INT NOT NULL,
-            reference VARCHAR(16) NOT NULL, amount DECIMAL(12,4) NOT NULL, updated_at DATETIME(6) NOT NULL)
-            ENGINE=InnoDB"""
+            reference VARCHAR(16) NOT NULL, amount DECIMAL(12,4) NOT NULL, updated_at DATETIME(6) NOT NULL,
+            cell INT NOT NULL, cell_name VARCHAR(16) NOT NULL) ENGINE=InnoDB"""
     )
-    # reference, amount: unique per row but not keys by the spec; partner: 7 values; kind: 3
+    # reference, amount: unique per row but not keys by the spec; partner: 7 values; kind: 3;
+    # cell and cell_name: 2000 values, i.e. each repeats ~8 times in the counted rows
     h.sql(
         f"INSERT INTO {SCHEMA}.calls SELECT seq, ELT(1 + seq % 3, 'voice', 'sms', 'data'), seq % 7, "
-        f"CONCAT('ref-', seq), seq / 10000, '2024-05-01' + INTERVAL seq SECOND FROM {SCHEMA}.seq_1_to_50000"
+        f"CONCAT('ref-', seq), seq / 10000, '2024-05-01' + INTERVAL seq SECOND, seq % 2000, "
+        f"CONCAT('cell-', seq % 2000) FROM {SCHEMA}.seq_1_to_50000"
     )
     h.register(table="calls", primary_key=["id"], cursor={"column": "updated_at"}, batch_size=20000)
     materialization = h.run("calls")
@@ -251,9 +253,12 @@ def test_row_groups_follow_batch_size_dictionaries_where_values_repeat_and_delta
     assert dictionary("kind") and dictionary("partner") and dictionary("_datalake_run_id")
     assert not dictionary("id") and not dictionary("updated_at") and not dictionary("_datalake_row_seq")
     assert not dictionary("reference")  # decided on the data: its values do not repeat
+    # A string repeating ~8 times gets a dictionary; an integer must repeat far more than that,
+    # as delta encoding is the cheaper alternative for it.
+    assert dictionary("cell_name") and not dictionary("cell")
     # Integer-like columns without a dictionary are delta-encoded (DECIMAL(12,4) stored as INT64);
     # strings stay plain.
-    for name in ("id", "amount", "updated_at", "_datalake_row_seq"):
+    for name in ("id", "amount", "updated_at", "_datalake_row_seq", "cell"):
         assert "DELTA_BINARY_PACKED" in encodings(name) and "PLAIN" not in encodings(name), name
     assert "PLAIN" in encodings("reference")
     assert footer.schema.column(columns["amount"]).physical_type == "INT64"

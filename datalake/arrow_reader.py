@@ -15,6 +15,8 @@ DECIMAL(p,s), p>28 or s>10  ``CAST(c AS CHAR)`` (exact decimal text)           d
 DECIMAL(p,s), otherwise     as is (decimal128(38,10), exact at that size)      decimal128(p,s)
 BIGINT UNSIGNED             as is (connectorx carries u64 exactly)             uint64
 BIT(n)                      ``CAST(c AS UNSIGNED)``                            uint64
+ENUM                        its index (``c+0``), where the labels are known     string (the label)
+                            exactly (below); otherwise as is
 DATETIME, DATE, TIMESTAMP   as is; with date guards (below), NULL where the    timestamp[us, UTC],
                             month or day is zero                               date32
 TIME(fsp)                   signed µs (``TIME_TO_SEC``; negative, > 24 h)      duration[us]
@@ -22,6 +24,14 @@ JSON                        ``CAST(c AS CHAR)`` (MySQL 8 sends binary JSON)    s
 TINYINT(1)                  as is                                              bool
 everything else             as is                                              declared type
 ==========================  ================================================  ===================
+
+An ENUM read as its label costs connectorx a string allocation and a UTF-8 check per value; its
+index costs neither (on the benchmark's CDR table: ~0.1 s less client CPU per 2M rows, the same
+server CPU), and the label is then looked up in the column's declared labels. Those come from
+reflection, i.e. ``SHOW CREATE TABLE``, which MariaDB renders in a 3-byte charset: a label
+outside it (an emoji) shows as ``?``. A column with a label containing ``?`` or a backslash
+(whose escaping reflection may not undo) is read as its label instead. Index 0 is MySQL's
+invalid-value ``''``.
 
 Zero dates (``0000-00-00``, ``2024-00-10`` …, legal in legacy SQL modes) are the one value a
 native date read cannot carry; connectorx panics on them. The first read is native; if it meets
@@ -65,6 +75,17 @@ def _carried_exactly(arrow: pa.DataType) -> bool:
     return arrow.precision - arrow.scale <= 18 and arrow.scale <= 10
 
 
+def enum_labels(column: sa.Column[Any]) -> list[str] | None:
+    """The labels by ENUM index (0: the invalid value ``''``), where reflection gives them exactly."""
+    t = column.type
+    if not isinstance(t, mysql.ENUM):
+        return None
+    labels = list(t.enums)
+    if any("?" in label or "\\" in label for label in labels):
+        return None
+    return ["", *labels]
+
+
 def _is_date(arrow: pa.DataType) -> bool:
     return pa.types.is_timestamp(arrow) or pa.types.is_date(arrow)
 
@@ -79,6 +100,8 @@ def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType, *, guar
         return f"CAST({quoted} AS CHAR)"
     if isinstance(t, mysql.BIT):
         return f"CAST({quoted} AS UNSIGNED)"
+    if enum_labels(column) is not None:
+        return f"{quoted}+0"
     if _is_date(arrow) and guard_dates:
         return f"IF({_zero_date(quoted)}, NULL, {quoted})"
     if pa.types.is_duration(arrow):
@@ -88,10 +111,14 @@ def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType, *, guar
     return quoted
 
 
-def _restore(array: pa.Array | pa.ChunkedArray, arrow: pa.DataType) -> pa.Array:
-    """The declared type from what the reader carried."""
+def _restore(
+    array: pa.Array | pa.ChunkedArray, arrow: pa.DataType, labels: pa.Array | None = None
+) -> pa.Array:
+    """The declared type from what the reader carried (``labels``: an ENUM read as its index)."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
+    if labels is not None:
+        return pc.take(labels, array).cast(arrow)
     if pa.types.is_duration(arrow):
         return pc.cast(array.cast(pa.int64()), arrow)
     if array.type != arrow:
@@ -148,11 +175,12 @@ def stream_arrow(
 
     sql = statement(dialect, plan, lo, hi, guard_dates=guard_dates)
     types = [plan.schema.field(c.name).type for c in plan.columns]
+    labels = [None if (e := enum_labels(c)) is None else pa.array(e, pa.string()) for c in plan.columns]
     password = _password(url)
     try:
         reader = cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size)
         for batch in Paced(iter(reader), READ_AHEAD_BATCHES, spill):
-            arrays = [_restore(batch.column(i), arrow) for i, arrow in enumerate(types)]
+            arrays = [_restore(batch.column(i), arrow, labels[i]) for i, arrow in enumerate(types)]
             zero_dates = 0
             if batch.num_columns > len(types):
                 zero_dates = pc.sum(batch.column(len(types))).as_py() or 0

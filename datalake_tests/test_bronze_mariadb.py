@@ -62,7 +62,7 @@ EDGE_DDL = f"""CREATE TABLE {SCHEMA}.edge (
   tm TIME(6), d DATE, dtt DATETIME(6), dt0 DATETIME, ts TIMESTAMP(6) NULL DEFAULT NULL,
   c CHAR(4), txt TEXT, blb BLOB, vb VARBINARY(16), f FLOAT, dbl DOUBLE,
   all_null DECIMAL(9,3) NULL, d28 DECIMAL(28,10), d20i DECIMAL(20,0), d19 DECIMAL(19,1),
-  updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
+  e2 ENUM('it''s', 'ü x', 'a,b'), e3 ENUM('a\\\\b', 'c'), updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
 
 EDGE_ROW_MAX = (
     "1, '99999999999999999999999999999999999.999999999999999999999999999999', '12345678.123456789012', "
@@ -70,18 +70,19 @@ EDGE_ROW_MAX = (
     "1, b'111111111111', 2155, 'ü', 'x,z', '{\"a\": [1, 2.5, \"😀\"]}', '-838:59:59.000000', '9999-12-31', "
     "'9999-12-31 23:59:59.999999', '1000-01-01 00:00:00', '2038-01-19 03:14:07.999999', "
     "'ab  ', 'emoji 😀 ünïcödé', x'00ff10', x'deadbeef', 1.5, -2.25, NULL, '-999999999999999999.9999999999', "
-    "'99999999999999999999', '-999999999999999999.9', '2024-01-01 00:00:00'"
+    "'99999999999999999999', '-999999999999999999.9', 'it''s', 'a\\\\b', '2024-01-01 00:00:00'"
 )
 EDGE_ROW_MIN = (
     "2, '-0.000000000000000000000000000001', '0.000000000001', '0.00', 0, 9223372036854775807, 0, 127, 0, "
     "8388607, 0, b'000000000001', 1901, '😀', '', '[]', '838:59:59.999999', '1000-01-01', "
     "'1000-01-01 00:00:00.000001', '2024-02-29 12:00:00', '1970-01-01 00:00:01.000000', "
-    "'', '', x'', x'', -1.5, 1e308, NULL, '0.0000000001', '-1', '0.1', '2024-01-01 00:00:00'"
+    "'', '', x'', x'', -1.5, 1e308, NULL, '0.0000000001', '-1', '0.1', 'not a label', 'c', "
+    "'2024-01-01 00:00:00'"
 )
 EDGE_ROW_NULLS = (
     "3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     "'-00:00:00.500000', '0000-00-00', '0000-00-00 00:00:00', '2024-00-00 00:00:00', NULL, "
-    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-01 00:00:00'"
+    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-01 00:00:00'"
 )
 
 
@@ -130,6 +131,8 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
         "d28": pa.decimal128(28, 10),
         "d20i": pa.decimal128(20, 0),
         "d19": pa.decimal128(19, 1),
+        "e2": pa.string(),
+        "e3": pa.string(),
     }
     for name, arrow in expected_types.items():
         assert schema.field(name).type == arrow, name
@@ -154,6 +157,10 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
     assert top["y"] == 2155 and low["y"] == 1901
     # a 4-byte label: MariaDB's SHOW CREATE TABLE (what SQLAlchemy reflects) shows it as '?'
     assert top["e"] == "ü" and low["e"] == "😀" and top["s"] == "x,z" and low["s"] == ""
+    # labels reflection gives exactly (the arrow reader reads their index); an invalid value
+    # stored under sql_mode '' is index 0, the empty string; a backslash in a label
+    assert top["e2"] == "it's" and low["e2"] == "" and nulls["e2"] is None
+    assert top["e3"] == "a\\b" and low["e3"] == "c" and nulls["e3"] is None
     assert top["j"].replace(" ", "") == '{"a":[1,2.5,"😀"]}'
     assert top["tm"] == -dt.timedelta(hours=838, minutes=59, seconds=59)
     assert low["tm"] == dt.timedelta(hours=838, minutes=59, seconds=59, microseconds=999999)
@@ -170,7 +177,14 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
     # zero dates: DATE, DATETIME and a partial zero date -> NULL, and counted
     assert nulls["d"] is None and nulls["dtt"] is None and nulls["dt0"] is None
     assert meta(materialization, "datalake/zero_dates_nulled") == 3
-    if h.reader == "auto":  # native dates panic in connectorx: the window is read again, guarded
+    if h.reader == "auto":
+        from datalake.arrow_reader import enum_labels
+
+        # e2 was read as its index; e (an emoji label shows as '?') and e3 (a backslash) as labels
+        edge = sa.Table("edge", sa.MetaData(), schema=SCHEMA, autoload_with=h.admin)
+        assert enum_labels(edge.c.e2) == ["", "it's", "ü x", "a,b"]
+        assert enum_labels(edge.c.e) is None and enum_labels(edge.c.e3) is None
+        # native dates panic in connectorx: the window is read again, guarded
         assert meta(materialization, "datalake/date_guards") is True
         assert meta(materialization, "datalake/passes") == 2
         assert table.num_rows == 3 and len(set(table.column("id").to_pylist())) == 3

@@ -19,7 +19,6 @@ Readers list only final names (``is_visible_name``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import posixpath
@@ -29,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, Any, cast
 from urllib.parse import urlparse
 
 import dagster as dg
@@ -38,9 +37,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
 
 INPROGRESS_MARKER = ".inprogress-"
 # Staged-block size for Azure writes. adlfs' default (50 MiB) is held in memory per open file; a
@@ -53,9 +49,6 @@ _AZURE_SCHEMES = ("abfs", "abfss", "az")
 # Leftovers of a killed local write are removed by the next write of the same file once this old;
 # younger ones may still belong to a live writer (a zombie attempt of the same run).
 STALE_INPROGRESS_SECONDS = 3600
-# A local file being written has the kernel start writing it out every this many bytes (see
-# _WritebackFile).
-WRITEBACK_BYTES = 8 * 2**20
 
 
 def is_visible_name(name: str) -> bool:
@@ -398,7 +391,7 @@ class LakeStorage:
             _remove_stale(directory, prefix)
             temp = os.path.join(directory, f"{prefix}{uuid.uuid4().hex}")
             try:
-                with io.BufferedWriter(_WritebackFile(temp, "w")) as handle:
+                with open(temp, "wb") as handle:
                     yield handle
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -421,45 +414,6 @@ class LakeStorage:
             handle.closed = True
             raise
         handle.close()
-
-
-def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
-    """Linux's ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``; None elsewhere."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    write = 2  # SYNC_FILE_RANGE_WRITE: start writing the range's dirty pages, do not wait
-
-    def start(fd: int, offset: int, nbytes: int) -> None:
-        function(fd, offset, nbytes, write)  # advisory: an error only means no head start
-
-    return start
-
-
-_start_writeback = _libc_sync_file_range()
-
-
-class _WritebackFile(io.FileIO):
-    """A file that has the kernel start writing out every ``WRITEBACK_BYTES`` as they are written.
-
-    The fsync before the rename then waits for the last few MiB instead of the whole file: on
-    the extraction benchmark's 55 MB bronze file that fsync took ~23 ms, ~4 ms with this (more
-    on NFS, where every dirty page is a write to the server). Dirty pages also stay bounded
-    while a large file is written, where a container's memory limit counts them.
-    """
-
-    _written = 0
-    _started = 0
-
-    def write(self, b: ReadableBuffer, /) -> int:
-        n = super().write(b) or 0
-        self._written += n
-        if _start_writeback is not None and self._written - self._started >= WRITEBACK_BYTES:
-            _start_writeback(self.fileno(), self._started, self._written - self._started)
-            self._started = self._written
-        return n
 
 
 def _remove_stale(directory: str, prefix: str) -> None:

@@ -194,30 +194,6 @@ def test_in_progress_and_hidden_names_are_invisible(tmp_path: Path) -> None:
     assert not is_visible_name(f"a/.b{INPROGRESS_MARKER}1/c.parquet")
 
 
-def test_a_local_file_is_written_out_as_it_grows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Writeback starts every WRITEBACK_BYTES, over consecutive ranges, so the final fsync waits for little."""
-    from datalake import storage as storage_module
-
-    real = storage_module._start_writeback
-    assert real is not None or not sys.platform.startswith("linux")  # Linux has sync_file_range
-    started: list[tuple[int, int]] = []
-
-    def record(fd: int, offset: int, nbytes: int) -> None:
-        started.append((offset, nbytes))
-        if real is not None:
-            real(fd, offset, nbytes)  # the system call itself, on this very file
-
-    monkeypatch.setattr(storage_module, "_start_writeback", record)
-    data = os.urandom(storage_module.WRITEBACK_BYTES * 5 // 2)
-    with LakeStorage(str(tmp_path)).atomic_writer("t/big.bin") as handle:
-        for i in range(0, len(data), 3 * 2**20 + 1):  # chunks that do not divide the interval
-            handle.write(data[i : i + 3 * 2**20 + 1])
-    assert (tmp_path / "t" / "big.bin").read_bytes() == data
-    assert len(started) == 2
-    assert started[0][0] == 0 and started[1][0] == sum(started[0])
-    assert all(n >= storage_module.WRITEBACK_BYTES for _, n in started)
-
-
 def test_atomic_write_appears_only_when_complete(lake_root: LakeRoot) -> None:
     storage = lake_root.storage()
     table = _table(1000)

@@ -183,6 +183,9 @@ class Settings:
     bronze_retry_delay_seconds: int = 15
     # A bronze asset not updated for this long fails its freshness check (warning).
     bronze_freshness_hours: float = 3.0
+    # Past usage days silver/billing_cdr (and so Rev-Sci) rebuilds whenever bronze updates, on top
+    # of today: CDRs extracted up to this many days after they started still reach their day.
+    silver_late_days: int = 2
     # Whether the bronze schedule and the automation sensor start running when the code location
     # is first loaded (prod) or wait to be switched on in the UI (local).
     automation_running: bool = False
@@ -403,6 +406,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         bronze_max_retries=parse_int("DATALAKE_BRONZE_MAX_RETRIES", 3, minimum=0),
         bronze_retry_delay_seconds=parse_int("DATALAKE_BRONZE_RETRY_DELAY_SECONDS", 15, minimum=0),
         bronze_freshness_hours=parse_float("DATALAKE_BRONZE_FRESHNESS_HOURS", 3.0),
+        silver_late_days=parse_int("DATALAKE_SILVER_LATE_DAYS", 2, minimum=0),
         automation_running=automation_running,
         duckdb=duckdb,
     )

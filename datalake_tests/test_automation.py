@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
 
-from datalake.assets.revsci import PARTNERS
+from datalake.assets.revsci import PARTNERS, USAGE_KEY
 from datalake.definitions import build_definitions
 from datalake.demo.generator import demo_engine
 from datalake.settings import resolve_settings
@@ -77,3 +78,47 @@ def test_partner_sync_sensor_mirrors_the_mapping(tmp_path: Path) -> None:
     requests = {type(r).__name__: set(r.partition_keys) for r in result.dynamic_partitions_requests or []}
     assert requests["AddDynamicPartitionsRequest"] == partners
     assert requests["DeleteDynamicPartitionsRequest"] == {"999999"}
+
+
+@pytest.mark.parametrize(
+    ("late_days", "days"), [("2", ["2026-10-24", "2026-10-25", "2026-10-26"]), ("0", ["2026-10-26"])]
+)
+def test_automation_rebuilds_late_days_and_does_not_wait_for_missing_bronze_days(
+    late_days: str, days: list[str]
+) -> None:
+    """A bronze run after midnight brings CDRs of the days before: silver rebuilds them too (the
+    2026-10-25 in Amsterdam has 25 hours). Bronze days never materialized (before the first
+    deployment) do not hold silver or Rev-Sci back."""
+    settings = resolve_settings(
+        {
+            "DATALAKE_TIMEZONE": "Europe/Amsterdam",
+            "DATALAKE_PARTITION_START": "2026-10-01",
+            "DATALAKE_SILVER_LATE_DAYS": late_days,
+        }
+    )
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(PARTNERS.name or "", ["1", "2"])
+    silver_cdr, partner = dg.AssetKey(["silver", "billing_cdr"]), dg.AssetKey(["silver", "partner_current"])
+    when = dt.datetime(2026, 10, 26, 0, 20, tzinfo=ZoneInfo("Europe/Amsterdam"))
+    cursor = None
+
+    def tick(minutes: int) -> dict[dg.AssetKey, list[str | None]]:
+        nonlocal cursor
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, evaluation_time=when + dt.timedelta(minutes=minutes), cursor=cursor
+        )
+        cursor = result.cursor
+        return {key: sorted(result.get_requested_partitions(key)) for key in (silver_cdr, partner, USAGE_KEY)}  # type: ignore[type-var]
+
+    assert tick(0) == {silver_cdr: [], partner: [], USAGE_KEY: []}
+    # The 00:15 run of the new day; no bronze day before it exists.
+    for table in ("billing_cdr", "partner"):
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=dg.AssetKey(["bronze", table]), partition="2026-10-26")
+        )
+    assert tick(1) == {silver_cdr: days, partner: [None], USAGE_KEY: []}
+    # Silver has run (most of its days were never built): Rev-Sci follows, for every partner.
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=silver_cdr, partition="2026-10-25"))
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=partner))
+    assert tick(2) == {silver_cdr: [], partner: [], USAGE_KEY: ["1", "2"]}

@@ -11,6 +11,7 @@ projections and filters down to the files; assets return DuckDB relations that t
 manager streams into the lake.
 """
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 
 import dagster as dg
@@ -20,8 +21,36 @@ from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths, Re
 from datalake.settings import SILVER, Settings
 from datalake.specs import Mode, TableSpec
 
-# Silver follows bronze without hand work: each asset runs when its upstream changed.
-FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
+# Silver follows bronze without hand work: each asset runs when its upstream changed. That is
+# Dagster's eager() without its "no upstream partition missing": every bronze day since the
+# partition start is an upstream partition, and days before the first deployment (or one the
+# schedule missed) never appear, so eager() would never run silver. A day without files is an
+# empty input here (DESIGN.md §3.5), not a reason to wait.
+FOLLOW_UPSTREAM = (
+    dg.AutomationCondition.eager()
+    .without(~dg.AutomationCondition.any_deps_missing())
+    .with_label("follow upstream")
+)
+
+
+def follow_upstream_days(late_days: int) -> dg.AutomationCondition:
+    """FOLLOW_UPSTREAM for a daily asset, over today and the ``late_days`` before it.
+
+    eager() considers only the latest day, but a bronze run after midnight brings CDRs that
+    started the day before (the call ended, or was extracted, after midnight): without the
+    earlier days those CDRs would never reach their usage day, nor Rev-Sci.
+    """
+    # The look-back counts hours back from the end of today and takes the days that start
+    # within it: half a day of slack, so a 25-hour DST day does not push the earliest one out.
+    lookback = dt.timedelta(days=late_days + 1, hours=12)
+    return (
+        dg.AutomationCondition.in_latest_time_window(lookback)
+        & (
+            dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()
+        ).since_last_handled()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label(f"follow upstream, today and {late_days} day(s) before")
 
 
 def quote(identifier: str) -> str:
@@ -220,7 +249,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
             # One range query builds any number of days; the IO manager splits it by usage_date.
             backfill_policy=dg.BackfillPolicy.single_run(),
             kinds={"duckdb", "parquet"},
-            automation_condition=FOLLOW_UPSTREAM,
+            automation_condition=follow_upstream_days(settings.silver_late_days),
             metadata={PARTITION_COLUMN_KEY: "usage_date", "datalake/primary_key": "cdr_id"},
         )
         def billing_cdr(

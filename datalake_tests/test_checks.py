@@ -15,8 +15,9 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from datalake.assets.revsci import PARTNERS, USAGE_KEY
 from datalake.checks import primary_key_check
-from datalake.definitions import BRONZE_JOB, SILVER_JOB, build_definitions
+from datalake.definitions import BRONZE_JOB, REVSCI_JOB, SILVER_CDR_JOB, SILVER_JOB, build_definitions
 from datalake.demo.generator import demo_engine
 from datalake.lake import DuckDBResource
 from datalake.settings import DEFAULT_REGISTRY, Settings, resolve_settings
@@ -64,6 +65,37 @@ def test_primary_key_check_passes_on_silver_and_fails_on_duplicates_and_nulls(de
     pq.write_table(pa.concat_tables([table, table.slice(0, 2)]), path)
     result = run_checks(defs, {key}, instance)[("silver/partner_current", "primary_key_unique_and_not_null")]
     assert not result.passed and result.metadata["duplicate_keys"].value == 2
+
+
+def test_revsci_primary_key_check_reads_every_partner(demo) -> None:
+    settings, engine = demo
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    today = dt.datetime.now(settings.tz).date().isoformat()
+    with engine.connect() as conn:  # the usage day with the newest CDRs (lake time zone: UTC)
+        newest = conn.exec_driver_sql("SELECT max(started_at) FROM v3_billing.billing_cdr").scalar_one()
+    day = str(newest)[:10]
+    defs.resolve_job_def(BRONZE_JOB).execute_in_process(partition_key=today, instance=instance)
+    defs.resolve_job_def(SILVER_JOB).execute_in_process(instance=instance)
+    defs.resolve_job_def(SILVER_CDR_JOB).execute_in_process(partition_key=day, instance=instance)
+    cdrs = pq.read_table(Path(settings.root("silver")) / "billing_cdr" / f"{day}.parquet")
+    partners = sorted({str(p) for p in cdrs.column("partner_id").to_pylist()})[:2]
+    assert len(partners) == 2
+    instance.add_dynamic_partitions(PARTNERS.name or "", partners)
+    for partner in partners:
+        run = defs.resolve_job_def(REVSCI_JOB).execute_in_process(partition_key=partner, instance=instance)
+        check = check_evaluations(run)[(USAGE_KEY.to_user_string(), "primary_key_unique_and_not_null")]
+        assert check.passed and check.metadata["rows"].value > 0
+
+    # One partner's file with a usage day and call type twice: the check over all partners fails.
+    path = Path(settings.root("vanguard_wholesale")) / "billing_usage_aggregated" / f"{partners[1]}.parquet"
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)
+    key = dg.AssetCheckKey(USAGE_KEY, "primary_key_unique_and_not_null")
+    result = run_checks(defs, {key}, instance)[
+        (USAGE_KEY.to_user_string(), "primary_key_unique_and_not_null")
+    ]
+    assert not result.passed and result.metadata["duplicate_keys"].value == 1
 
 
 def test_blocking_primary_key_check_stops_downstream(tmp_path: Path) -> None:

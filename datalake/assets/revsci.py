@@ -17,6 +17,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from datalake.assets.silver import FOLLOW_UPSTREAM, current_key, path_in
+from datalake.checks import PRIMARY_KEY_METADATA
 from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths, Relation
 from datalake.settings import VANGUARD_WHOLESALE, Settings
 from datalake.source import V3SourceResource
@@ -43,7 +44,11 @@ def build_revsci_assets(specs: Sequence[TableSpec], settings: Settings) -> list[
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"duckdb", "parquet"},
         automation_condition=FOLLOW_UPSTREAM,
-        metadata={PARTITION_COLUMN_KEY: "partner_id", "datalake/usage_date_time_zone": settings.timezone},
+        metadata={
+            PARTITION_COLUMN_KEY: "partner_id",
+            "datalake/usage_date_time_zone": settings.timezone,
+            PRIMARY_KEY_METADATA: "partner_id, usage_date, call_type",  # its blocking check reads every partner
+        },
     )
     def billing_usage_aggregated(
         context: dg.AssetExecutionContext,

@@ -53,6 +53,11 @@ def follow_upstream_days(late_days: int) -> dg.AutomationCondition:
     ).with_label(f"follow upstream, today and {late_days} day(s) before")
 
 
+def lake_today(settings: Settings) -> dt.date:
+    """Today in the lake's time zone (DuckDB's ``current_date`` is the process's, UTC in the image)."""
+    return dt.datetime.now(settings.tz).date()
+
+
 def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -181,12 +186,12 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
                 SELECT m.mapping_id, m.dealer_id, d.name AS dealer_name, d.region AS dealer_region,
                        m.partner_id, p.name AS partner_name, p.is_wholesale,
                        m.valid_from, m.valid_to, m.commission_rate,
-                       (m.valid_from <= current_date AND (m.valid_to IS NULL OR m.valid_to > current_date))
-                           AS is_current,
+                       (m.valid_from <= $today AND (m.valid_to IS NULL OR m.valid_to > $today)) AS is_current,
                        m.updated_at
                 FROM m LEFT JOIN d ON d.dealer_id = m.dealer_id LEFT JOIN p ON p.partner_id = m.partner_id
                 ORDER BY m.mapping_id
-                """
+                """,
+                params={"today": lake_today(settings)},
             )
 
         assets.append(dealer_partner_mapping)
@@ -221,7 +226,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
                 FROM c
                 LEFT JOIN d ON d.dealer_id = c.dealer_id
                 LEFT JOIN (SELECT * FROM dealer_partner_mapping
-                           WHERE valid_from <= current_date AND (valid_to IS NULL OR valid_to > current_date)
+                           WHERE valid_from <= $today AND (valid_to IS NULL OR valid_to > $today)
                            QUALIFY row_number() OVER (PARTITION BY dealer_id ORDER BY valid_from DESC) = 1) m
                        ON m.dealer_id = c.dealer_id
                 LEFT JOIN p ON p.partner_id = m.partner_id
@@ -230,7 +235,8 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
                                                       ORDER BY is_primary DESC, address_id) = 1) a
                        ON a.customer_id = c.customer_id
                 ORDER BY c.customer_id
-                """
+                """,
+                params={"today": lake_today(settings)},
             )
 
         assets.append(dim_customer)

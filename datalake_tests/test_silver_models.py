@@ -42,7 +42,7 @@ def _bronze(
 
 def test_current_partner_mapping_follows_the_lakes_today(tmp_path: Path) -> None:
     """A dealer moves to a new partner on the lake's today, which is not the process's today."""
-    process_today = duckdb.sql("SELECT current_date").fetchall()[0][0]
+    process_today = duckdb.execute("SELECT current_date").fetchall()[0][0]
     # A zone whose date differs from the process's right now (one of them always does).
     zone = next(
         z

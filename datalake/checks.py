@@ -84,16 +84,17 @@ def _source_table(spec: TableSpec, *columns: str) -> sa.TableClause:
     return sa.table(spec.table, *(sa.column(c) for c in columns), schema=spec.source_schema)
 
 
-def bronze_checks(specs: Sequence[TableSpec]) -> list[dg.AssetChecksDefinition]:
+def bronze_checks(specs: Sequence[TableSpec], pool: str) -> list[dg.AssetChecksDefinition]:
+    """The checks that query the source, each taking a slot in its concurrency ``pool``."""
     checks: list[dg.AssetChecksDefinition] = []
     for spec in specs:
         if spec.mode is not Mode.INCREMENTAL or spec.cursor is None:
             continue
-        checks += [_reconciliation_check(spec), _null_cursor_check(spec)]
+        checks += [_reconciliation_check(spec, pool), _null_cursor_check(spec, pool)]
     return checks
 
 
-def _reconciliation_check(spec: TableSpec) -> dg.AssetChecksDefinition:
+def _reconciliation_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinition:
     key = dg.AssetKey(["bronze", spec.asset_name])
     cursor = spec.cursor
     assert cursor is not None
@@ -101,6 +102,7 @@ def _reconciliation_check(spec: TableSpec) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=key,
         name="window_reconciles_with_source",
+        pool=pool,
         description="The latest extracted window holds at least the rows the source has in it now "
         "(rows updated since moved to a later window; none may be missing).",
     )
@@ -143,7 +145,7 @@ def _reconciliation_check(spec: TableSpec) -> dg.AssetChecksDefinition:
     return _check
 
 
-def _null_cursor_check(spec: TableSpec) -> dg.AssetChecksDefinition:
+def _null_cursor_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinition:
     key = dg.AssetKey(["bronze", spec.asset_name])
     cursor = spec.cursor
     assert cursor is not None
@@ -151,6 +153,7 @@ def _null_cursor_check(spec: TableSpec) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=key,
         name="null_cursor_rows",
+        pool=pool,
         description=f"Counts source rows whose {cursor.column} is NULL (or a zero date); with null_cursor: skip they are "
         "not extracted, so any is a warning.",
     )
@@ -179,12 +182,13 @@ def build_checks(
     bronze: Sequence[dg.AssetsDefinition],
     downstream: Sequence[dg.AssetsDefinition],
     freshness: dt.timedelta,
+    source_pool: str,
 ) -> tuple[list[dg.AssetChecksDefinition], list[dg.SensorDefinition]]:
     """Every check of the location, and the sensor that evaluates bronze freshness."""
     checks: list[dg.AssetChecksDefinition] = [
         c for a in downstream if (c := primary_key_check(a)) is not None
     ]
-    checks += bronze_checks(specs)
+    checks += bronze_checks(specs, source_pool)
     checks += dg.build_column_schema_change_checks(assets=list(bronze))
     incremental = [a for a, s in zip(bronze, specs, strict=True) if s.mode is Mode.INCREMENTAL]
     fresh = list(dg.build_last_update_freshness_checks(assets=incremental, lower_bound_delta=freshness))

@@ -110,7 +110,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     downstream = [*build_silver_assets(specs, settings), *build_revsci_assets(specs, settings)]
     check_storage_names([*bronze, *downstream])
     checks, check_sensors = build_checks(
-        specs, bronze, downstream, dt.timedelta(hours=settings.bronze_freshness_hours)
+        specs, bronze, downstream, dt.timedelta(hours=settings.bronze_freshness_hours), settings.v3_pool
     )
     bronze_job = dg.define_asset_job(
         BRONZE_JOB,

@@ -69,9 +69,7 @@ def test_every_step_that_queries_the_source_takes_a_pool_slot() -> None:
     defs = build_definitions(resolve_settings({"DATALAKE_V3_POOL": "v3_custom"}))
     for job in (defs.resolve_job_def("bronze_job"), defs.resolve_implicit_global_asset_job_def()):
         sourced = {
-            node.definition.name: node.definition.pool
-            for node in job.graph.node_dict.values()
-            if "v3_source" in node.definition.required_resource_keys
+            op.name: op.pool for op in job.graph.iterate_op_defs() if "v3_source" in op.required_resource_keys
         }
         assert len(sourced) > 30 and any("null_cursor" in name for name in sourced), job.name
         assert {name: pool for name, pool in sourced.items() if pool != "v3_custom"} == {}, job.name

@@ -29,7 +29,7 @@ from urllib.parse import quote, urlencode
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from datalake.settings import VERIFYING_MODES, resolve_ssl_mode
 
@@ -44,7 +44,8 @@ class V3SourceResource(dg.ConfigurableResource):
     host: str | None = None
     port: int = 3306
     user: str | None = None
-    password: str | None = None
+    # repr=False: a resource's repr (an f-string in a log line, an error) must not carry it.
+    password: str | None = Field(default=None, repr=False)
     ssl_ca: str | None = None
     ssl_cert: str | None = None
     ssl_key: str | None = None

@@ -178,6 +178,14 @@ def test_azure_credentials_stay_out_of_reprs() -> None:
             assert "AzureBlobResource(" in repr(resource)  # shown, just without its credential
 
 
+def test_the_source_password_stays_out_of_reprs() -> None:
+    from datalake.source import V3SourceResource
+
+    source = V3SourceResource(kind="mysql", host="db", user="reader", password="PW-never-shown")
+    assert "PW-never-shown" not in repr(source) and "PW-never-shown" not in str(source)
+    assert "host='db'" in repr(source)
+
+
 def test_in_progress_and_hidden_names_are_invisible(tmp_path: Path) -> None:
     storage = LakeStorage(str(tmp_path))
     for name in (

@@ -629,6 +629,16 @@ def _env_file(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z][A-Z0-9_]*=", line))
 
 
+def test_env_example_does_not_blank_dagster_home() -> None:
+    """A copy of .env.example is `make dev`'s .env and the base of a deployment's env file: an
+    empty DAGSTER_HOME there overrides the Makefile's and the image's."""
+    from dotenv import dotenv_values
+
+    example = REPO / ".env.example"
+    assert "DAGSTER_HOME" not in dotenv_values(example)  # as dagster dev reads .env
+    assert "DAGSTER_HOME" not in _env_file(example.read_text())  # as docker --env-file reads it
+
+
 def test_docker_run_launcher_forwards_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """A run container has only the forwarded names and the image's ENV: every setting the code
     location reads must be forwarded, and dagster-docker's own resolution of the names must succeed

@@ -629,6 +629,22 @@ def _env_file(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z][A-Z0-9_]*=", line))
 
 
+def test_production_queue_holds_runs_that_would_only_wait_on_the_v3_pool(tmp_path: Path) -> None:
+    """What bounds a UI backfill of bronze (the asset job, without bronze_job's run tag): the
+    production instance blocks runs whose steps all wait on a full pool, with no runs ahead."""
+    config = production_config()
+    config["storage"] = {"sqlite": {"base_dir": str(tmp_path / "storage")}}
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        concurrency = instance.get_concurrency_config()
+        queue = concurrency.run_queue_config
+        assert queue is not None and queue.should_block_op_concurrency_limited_runs
+        assert queue.op_concurrency_slot_buffer == 0
+        assert concurrency.pool_config.pool_granularity is not None
+        assert concurrency.pool_config.pool_granularity.value == "op"
+        assert concurrency.pool_config.default_pool_limit == config["concurrency"]["pools"]["default_limit"]
+
+
 def test_env_example_does_not_blank_dagster_home() -> None:
     """A copy of .env.example is `make dev`'s .env and the base of a deployment's env file: an
     empty DAGSTER_HOME there overrides the Makefile's and the image's."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 import re
 import tempfile
@@ -242,7 +243,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             problems[name] = "required in prod"
         return value
 
-    def parse_int(name: str, default: int, minimum: int = 1) -> int:
+    def parse_int(name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         value = get(name)
         if value is None:
             return default
@@ -253,6 +254,8 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             return default
         if number < minimum:
             problems[name] = f"must be >= {minimum}, got {number}"
+        elif maximum is not None and number > maximum:
+            problems[name] = f"must be <= {maximum}, got {number}"
         return number
 
     def parse_float(name: str, default: float) -> float:
@@ -263,10 +266,20 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             number = float(value)
         except ValueError:
             number = -1.0
-        if number <= 0:
+        if not (0 < number < math.inf):  # also refuses nan and inf
             problems[name] = f"must be a positive number, got {value!r}"
             return default
         return number
+
+    def parse_cron(name: str, default: str) -> str:
+        # Dagster's own check, the one a schedule definition applies when the location loads.
+        from dagster._utils.schedules import is_valid_cron_string
+
+        value = get(name) or default
+        if not is_valid_cron_string(value):
+            problems[name] = f"must be a cron expression like {default!r}, got {value!r}"
+            return default
+        return value
 
     # --- source -------------------------------------------------------------------
     host = require("DATALAKE_MYSQL_HOST")
@@ -280,7 +293,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             problems.setdefault("DATALAKE_MYSQL_USER", "required when DATALAKE_MYSQL_HOST is set")
         mysql = MySQLSettings(
             host=host or "",
-            port=parse_int("DATALAKE_MYSQL_PORT", 3306),
+            port=parse_int("DATALAKE_MYSQL_PORT", 3306, maximum=65535),
             user=user or "",
             has_password=get(MYSQL_PASSWORD_VAR) is not None,
             ssl_ca=get("DATALAKE_MYSQL_SSL_CA"),
@@ -359,7 +372,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if lag_raw is not None:
         try:
             lag = float(lag_raw)
-            if lag < 0:
+            if not (0 <= lag < math.inf):  # also refuses nan and inf
                 raise ValueError
         except ValueError:
             problems["DATALAKE_EXTRACT_LAG_SECONDS"] = f"must be a non-negative number, got {lag_raw!r}"
@@ -400,8 +413,8 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_size=parse_int("DATALAKE_BATCH_SIZE", 50_000),
         batch_bytes=parse_int("DATALAKE_BATCH_BYTES", 32 * 2**20),
         registry_path=registry_path,
-        bronze_cron=get("DATALAKE_BRONZE_CRON") or "15 * * * *",
-        deletes_cron=get("DATALAKE_DELETES_CRON") or "45 2 * * *",
+        bronze_cron=parse_cron("DATALAKE_BRONZE_CRON", "15 * * * *"),
+        deletes_cron=parse_cron("DATALAKE_DELETES_CRON", "45 2 * * *"),
         v3_pool=get("DATALAKE_V3_POOL") or "v3_mysql",
         bronze_max_retries=parse_int("DATALAKE_BRONZE_MAX_RETRIES", 3, minimum=0),
         bronze_retry_delay_seconds=parse_int("DATALAKE_BRONZE_RETRY_DELAY_SECONDS", 15, minimum=0),

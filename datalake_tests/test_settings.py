@@ -77,12 +77,27 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
         ("DATALAKE_DUCKDB_TEMP_DIRECTORY", "spill"),
         ("DATALAKE_AZURE_DUCKDB_READER", "native"),
         ("DATALAKE_DUCKDB_REMOTE_THREADS", "-1"),
+        ("DATALAKE_EXTRACT_LAG_SECONDS", "nan"),
+        ("DATALAKE_EXTRACT_LAG_SECONDS", "inf"),
+        ("DATALAKE_BRONZE_FRESHNESS_HOURS", "inf"),
+        ("DATALAKE_BRONZE_FRESHNESS_HOURS", "nan"),
+        ("DATALAKE_BRONZE_CRON", "every hour"),
+        ("DATALAKE_DELETES_CRON", "61 2 * * *"),
+        ("DATALAKE_SILVER_LATE_DAYS", "-1"),
     ],
 )
 def test_invalid_values_are_named(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as info:
         resolve_settings({variable: value})
     assert set(info.value.problems) == {variable}
+
+
+def test_a_port_out_of_range_is_named() -> None:
+    env = {"DATALAKE_MYSQL_HOST": "db", "DATALAKE_MYSQL_USER": "reader", "DATALAKE_MYSQL_PORT": "70000"}
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(env)
+    assert set(info.value.problems) == {"DATALAKE_MYSQL_PORT"}
+    assert resolve_settings({**env, "DATALAKE_MYSQL_PORT": "65535"}).source.mysql is not None
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     bronze_job = dg.define_asset_job(
         BRONZE_JOB,
-        selection=dg.AssetSelection.groups(BRONZE),
+        # Every bronze asset by key: a registry entry may name its own asset group.
+        selection=dg.AssetSelection.assets(*(a.key for a in bronze)),
         description="Extract every bronze table for one ingestion date (today = incremental).",
         # Runs that read the V3 source: the run coordinator limits them by this tag.
         tags={"datalake/source": "v3"},
@@ -123,7 +124,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     partitioned = {a.key for a in downstream if a.partitions_def is not None}
     silver_job = dg.define_asset_job(
         SILVER_JOB,
-        selection=dg.AssetSelection.groups(SILVER) - dg.AssetSelection.assets(*partitioned),
+        selection=dg.AssetSelection.assets(
+            *(a.key for a in downstream if a.key.path[0] == SILVER and a.key not in partitioned)
+        ),
         description="Rebuild the current-state and conformed silver models from the bronze lake.",
     )
     silver_cdr_job = dg.define_asset_job(

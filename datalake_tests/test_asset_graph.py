@@ -12,9 +12,10 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import yaml
 
 from datalake.definitions import build_definitions
-from datalake.settings import resolve_settings
+from datalake.settings import DEFAULT_REGISTRY, resolve_settings
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
 
@@ -117,3 +118,25 @@ def test_two_assets_that_would_share_files_are_refused_at_load() -> None:
     check_storage_names(
         [asset("silver", "current"), asset("revsci", "current", io_manager_key="revsci_io_manager")]
     )
+
+
+def test_a_registry_entry_in_its_own_group_is_still_extracted_by_bronze_job(tmp_path: Path) -> None:
+    """`group:` names the asset group shown in the UI; the schedule's job still extracts the table."""
+    document = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    for entry in document["tables"]:
+        if entry["table"] == "currency_rate":
+            entry["group"] = "finance"
+        if entry["table"] == "partner":
+            entry["group"] = "silver"  # a team's odd choice must not pull bronze into silver_job
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump(document))
+    defs = build_definitions(resolve_settings({"DATALAKE_REGISTRY": str(registry)}))
+
+    def keys(job: str) -> set[str]:
+        return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
+
+    assert {"bronze/currency_rate", "bronze/partner"} <= keys("bronze_job")
+    assert defs.resolve_assets_def(dg.AssetKey(["bronze", "currency_rate"])).group_names_by_key == {
+        dg.AssetKey(["bronze", "currency_rate"]): "finance"
+    }
+    assert not {k for k in keys("silver_job") if not k.startswith("silver/")}

@@ -4,6 +4,8 @@ SHELL := /bin/bash
 
 # Persistent, git-ignored local Dagster instance (SQLite) for `make demo` and `make dev`.
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Where scripts/install-uv.sh puts uv when the machine has none.
+export PATH := $(HOME)/.local/bin:$(PATH)
 DEV_PORT ?= 3000
 
 .PHONY: setup demo dev test lint bench clean-lake

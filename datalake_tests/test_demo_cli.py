@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +12,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from datalake_tests.helpers import clean_environ, lake_env, mariadb_env, run_cli
+from datalake_tests.helpers import REPO, clean_environ, lake_env, mariadb_env, run_cli
 from datalake_tests.services import MariaDBServer
 
 
@@ -58,3 +61,28 @@ def test_demo_command_against_mysql(v3_mariadb: Any, mariadb_server: MariaDBServ
     files = sorted((tmp_path / "lake" / "bronze" / "billing_cdr").rglob("*.parquet"))
     assert pl.scan_parquet(files).select(pl.col("cdr_id").n_unique()).collect().item() == 1_000
     assert list((tmp_path / "lake" / "vanguard_wholesale" / "billing_usage_aggregated").glob("*.parquet"))
+
+
+def test_uv_is_installed_for_the_user_where_the_system_python_is_externally_managed(tmp_path: Path) -> None:
+    """A fresh Debian/Ubuntu machine: no uv, and a system Python whose pip refuses plain installs
+    (PEP 668). make demo / make test start with scripts/install-uv.sh."""
+    python = shutil.which("python3", path="/usr/bin")
+    assert python is not None or not os.environ.get("CI"), "CI machines have the system python3"
+    if python is None:
+        pytest.skip("no system python3 in /usr/bin")
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",  # no uv
+        "HOME": str(tmp_path),
+        "PYTHON": python,
+        **{k: v for k, v in os.environ.items() if k.startswith(("PIP_", "SSL_CERT"))},  # the package index
+    }
+    result = subprocess.run(
+        [str(REPO / "scripts" / "install-uv.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    uv = result.stdout.strip().splitlines()[-1]
+    assert uv == str(tmp_path / ".local" / "bin" / "uv")
+    assert subprocess.run([uv, "--version"], capture_output=True, check=False).returncode == 0
+    # Once there, it is found and nothing is installed again.
+    again = subprocess.run([str(REPO / "scripts" / "install-uv.sh")], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.strip() == uv and "installing" not in again.stderr

@@ -3,10 +3,7 @@
 # Usage: scripts/bootstrap.sh [extra `uv sync` args, e.g. --group bench]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v uv >/dev/null 2>&1; then
-  echo "installing uv (pip) ..."
-  python3 -m pip install --quiet --disable-pip-version-check uv
-fi
+uv="$(scripts/install-uv.sh)"
 # --compile-bytecode: with PYTHONDONTWRITEBYTECODE set (as on CI machines) every process would
 # otherwise recompile dagster on import (~7 s per process).
-uv sync --frozen --compile-bytecode "$@"
+"$uv" sync --frozen --compile-bytecode "$@"

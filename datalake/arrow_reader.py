@@ -55,7 +55,7 @@ import pyarrow.compute
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from datalake.extract import READ_AHEAD_BATCHES, ExtractionError, NeedsDateGuards, Paced, Spill
+from datalake.extract import READ_AHEAD_BATCHES, ExtractionError, NeedsDateGuards, Paced, Spill, string_array
 
 # pyarrow.compute's kernels are generated at import time; type checkers cannot see them.
 pc: Any = pyarrow.compute
@@ -175,7 +175,7 @@ def stream_arrow(
 
     sql = statement(dialect, plan, lo, hi, guard_dates=guard_dates)
     types = [plan.schema.field(c.name).type for c in plan.columns]
-    labels = [None if (e := enum_labels(c)) is None else pa.array(e, pa.string()) for c in plan.columns]
+    labels = [None if (e := enum_labels(c)) is None else string_array(e) for c in plan.columns]
     password = _password(url)
     try:
         reader = cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import datetime as dt
+import itertools
 import os
 import shutil
 import struct
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -934,6 +935,15 @@ def _close(source: object) -> None:
 def _fixed_width(type_: pa.DataType, n: int, values: bytes) -> pa.Array:
     """An array straight from its bytes (no Python values converted, see Lineage)."""
     return pa.Array.from_buffers(type_, n, [None, pa.py_buffer(values)])
+
+
+def string_array(values: Sequence[str]) -> pa.Array:
+    """A string array straight from its bytes (``pa.array`` of Python strings imports pandas, see Lineage)."""
+    encoded = [v.encode() for v in values]
+    offsets = array.array("i", [0, *itertools.accumulate(len(b) for b in encoded)])
+    return pa.Array.from_buffers(
+        pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(encoded))]
+    )
 
 
 class Lineage:

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -580,21 +580,17 @@ def test_added_column_appears_in_new_files_and_reads_by_name(harness: BronzeHarn
 
 
 def test_arrow_reader_is_used_for_mysql_and_is_exact_on_the_demo_schema(
-    mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mariadb_server: MariaDBServer,
+    v3_mariadb: Callable[..., sa.Engine],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both readers produce the same bronze rows and schema for every demo table."""
     monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    from datalake.demo.generator import seed_source
-    from datalake.demo.schema import create_schemas, drop_schemas, metadata
     from datalake.settings import DEFAULT_REGISTRY
     from datalake.specs import load_registry
 
-    engine = sa.create_engine(mariadb_server.url())
-    drop_schemas(engine)
-    create_schemas(engine)
-    metadata.create_all(engine)
-    seed_source(engine, seed=11, cdr_rows=1500)
-    engine.dispose()
+    v3_mariadb(seed=11, cdr_rows=1500)
     results = {}
     for reader in ("auto", "rows"):
         (tmp_path / reader).mkdir()
@@ -617,19 +613,13 @@ def test_arrow_reader_is_used_for_mysql_and_is_exact_on_the_demo_schema(
         assert arrow_table.equals(rows_table), name
 
 
-def test_an_arrow_extraction_never_imports_pandas(mariadb_server: MariaDBServer, tmp_path: Path) -> None:
+def test_an_arrow_extraction_never_imports_pandas(
+    mariadb_server: MariaDBServer, v3_mariadb: Callable[..., sa.Engine], tmp_path: Path
+) -> None:
     """pyarrow imports pandas, wherever it is installed, once it converts Python values: ~1 s and
     ~60 MB of a bronze run (as in the benchmark's environment). A run of the CDR table (ENUM labels
     included) in a process where importing pandas leaves a trace."""
-    from datalake.demo.generator import seed_source
-    from datalake.demo.schema import create_schemas, drop_schemas, metadata
-
-    engine = sa.create_engine(mariadb_server.url())
-    drop_schemas(engine)
-    create_schemas(engine)
-    metadata.create_all(engine)
-    seed_source(engine, seed=5, cdr_rows=2000)
-    engine.dispose()
+    v3_mariadb(seed=5, cdr_rows=2000)
     fake = tmp_path / "fake" / "pandas"
     fake.mkdir(parents=True)
     trace = tmp_path / "pandas-imported"

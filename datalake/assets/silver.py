@@ -43,13 +43,8 @@ def follow_upstream_days(late_days: int) -> dg.AutomationCondition:
     # The look-back counts hours back from the end of today and takes the days that start
     # within it: half a day of slack, so a 25-hour DST day does not push the earliest one out.
     lookback = dt.timedelta(days=late_days + 1, hours=12)
-    return (
-        dg.AutomationCondition.in_latest_time_window(lookback)
-        & (
-            dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()
-        ).since_last_handled()
-        & ~dg.AutomationCondition.any_deps_in_progress()
-        & ~dg.AutomationCondition.in_progress()
+    return FOLLOW_UPSTREAM.replace(
+        dg.AutomationCondition.in_latest_time_window(), dg.AutomationCondition.in_latest_time_window(lookback)
     ).with_label(f"follow upstream, today and {late_days} day(s) before")
 
 

@@ -143,11 +143,7 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates:
     if guard_dates and dates:
         count = " + ".join(f"IFNULL({_zero_date(d)}, 0)" for d in dates)
         columns.append(sa.literal_column(f"CAST({count} AS SIGNED)").label(ZERO_DATES_COLUMN))
-    stmt = sa.select(*columns).select_from(plan.table)
-    condition = plan.where(lo, hi)
-    if condition is not None:
-        stmt = stmt.where(condition)
-    sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    sql = str(plan.select(columns, lo, hi).compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
     server = getattr(dialect, "server_version_info", None) or ()
     if getattr(dialect, "is_mariadb", False):
         return f"SET STATEMENT time_zone = '+00:00' FOR {sql}"

@@ -456,6 +456,58 @@ def test_rerun_without_source_change_reads_nothing(harness: BronzeHarness) -> No
     ]
 
 
+@pytest.mark.parametrize("cursor", ["id", "updated_at"])
+def test_a_window_without_lower_bound_scans_the_table_and_a_later_one_reads_the_cursor_range(
+    mariadb_server: MariaDBServer, tmp_path: Path, cursor: str
+) -> None:
+    """A first run or full refresh reads everything below ``hi``: walking the cursor's index for
+    it costs the server more than a table scan. A window from a watermark reads the index range."""
+    from datalake.arrow_reader import statement
+    from datalake.extract import Window, WindowKind, plan_extraction
+    from datalake.specs import TableSpec
+
+    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader="auto")
+    _events(h)
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) SELECT 'p', "
+        f"TIMESTAMP '2024-05-01 00:00:00' + INTERVAL seq SECOND FROM {SCHEMA}.seq_1_to_5000"
+    )
+    kind = "integer" if cursor == "id" else "timestamp"
+    spec = TableSpec.model_validate(
+        {**h.tables[0], "cursor": {"column": cursor, "kind": kind}, "date_column": "updated_at"}
+    )
+    near_end = 4990 if cursor == "id" else dt.datetime(2024, 5, 1, 1, 23, 10)
+    hi = 5001 if cursor == "id" else dt.datetime(2030, 1, 1)
+    engine = sa.create_engine(h.server.url())
+    with engine.connect() as conn:
+        access = {}
+        for name, window, lo in (
+            ("first run", Window(WindowKind.INCREMENTAL), None),
+            ("full refresh", Window(WindowKind.FULL_REFRESH), None),
+            ("from a watermark", Window(WindowKind.INCREMENTAL), near_end),
+        ):
+            plan = plan_extraction(conn, spec, window)
+            selects = {
+                # The Arrow-native reader's statement, and the row reader's (bounds as literals).
+                "arrow": statement(conn.dialect, plan, lo, hi).split(" FOR ", 1)[-1],
+                "rows": str(
+                    plan.select(list(plan.table.c), lo, hi).compile(
+                        dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+                    )
+                ),
+            }
+            for reader, sql in selects.items():
+                (row,) = conn.exec_driver_sql("EXPLAIN " + sql).mappings().all()
+                access[name, reader] = row["type"]
+                assert len(conn.exec_driver_sql(sql).all()) == (5000 if lo is None else 11), (name, reader)
+    engine.dispose()
+    h.dispose()
+    for reader in ("arrow", "rows"):
+        assert access["first run", reader] == "ALL"
+        assert access["full refresh", reader] == "ALL"
+        assert access["from a watermark", reader] == "range"
+
+
 def test_session_time_zone_berlin_across_dst(harness: BronzeHarness) -> None:
     """A server whose default time zone is Europe/Berlin: instants still come out in UTC."""
     h = harness

@@ -30,6 +30,7 @@ from urllib.parse import quote, urlencode
 import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field, PrivateAttr
+from sqlalchemy import event
 
 from datalake.settings import VERIFYING_MODES, resolve_ssl_mode
 
@@ -101,7 +102,10 @@ class V3SourceResource(dg.ConfigurableResource):
             connect_args["ssl_disabled"] = True
         elif mode != "preferred":  # PyMySQL's own default is "preferred"
             connect_args["ssl"] = self._ssl_context(mode)
-        return sa.create_engine(url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args)
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args)
+        if mode == "preferred":
+            _prefer_tls(engine, self._ssl_context("required"))
+        return engine
 
     @property
     def tls_mode(self) -> str:
@@ -148,3 +152,20 @@ class V3SourceResource(dg.ConfigurableResource):
         if self.kind == "mysql":
             return f"mysql://{self.user}@{self.host}:{self.port} (tls {self.tls_mode})"
         return f"demo sqlite at {self.demo_dir}"
+
+
+def _prefer_tls(engine: sa.Engine, context: ssl.SSLContext) -> None:
+    """PyMySQL's "preferred" (TLS when the server offers it), with one unverified context for all.
+
+    PyMySQL builds a context for each new connection with ``ssl.create_default_context()``,
+    which loads the system's CA bundle (~16 ms of CPU here) for a certificate that "preferred"
+    does not verify. So the connection is made deferred without one, then put in PyMySQL's
+    preferred state (``ssl`` on, not required) with this context, then connected.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: sa.Dialect, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        connection = dialect.loaded_dbapi.connect(*cargs, **cparams, ssl_disabled=True, defer_connect=True)
+        connection.ssl, connection.ctx = True, context
+        connection.connect()
+        return connection

@@ -264,7 +264,7 @@ class _ParquetSink:
 
     def __init__(
         self,
-        handle: IO[bytes],
+        handle: pa.NativeFile | IO[bytes],
         schema: pa.Schema,
         row_group_size: int | None,
         dictionary_pagesize_limit: int | None = None,
@@ -377,7 +377,7 @@ def write_parquet(
     that picks them from the first row group. ``row_group_bytes``: a row group also ends once
     it holds that many bytes of Arrow data.
     """
-    with storage.atomic_writer(relative) as handle:
+    with storage.atomic_arrow_writer(relative) as handle:
         sink = _ParquetSink(
             handle, schema, row_group_size, use_dictionary=use_dictionary, row_group_bytes=row_group_bytes
         )
@@ -588,7 +588,7 @@ def write_partitions(
     with contextlib.ExitStack() as stack:
 
         def open_sink(i: int) -> _ParquetSink:
-            handle = stack.enter_context(storage.atomic_writer(files[keys[i]], SPLIT_AZURE_BLOCK_SIZE))
+            handle = stack.enter_context(storage.atomic_arrow_writer(files[keys[i]], SPLIT_AZURE_BLOCK_SIZE))
             sink = _ParquetSink(
                 handle, schema, row_group_size, SPLIT_DICTIONARY_PAGE_LIMIT, row_group_bytes=row_group_bytes
             )

@@ -383,6 +383,27 @@ class LakeStorage:
         An existing file of that name (a retry of the same run) stays readable until replaced. On
         Azure up to ``azure_block_size`` bytes are held in memory before they are staged.
         """
+        with self._atomic(relative, azure_block_size, lambda temp: open(temp, "wb")) as handle:
+            yield handle
+
+    @contextlib.contextmanager
+    def atomic_arrow_writer(
+        self, relative: str, azure_block_size: int = AZURE_BLOCK_SIZE
+    ) -> Iterator[pa.NativeFile | IO[bytes]]:
+        """``atomic_writer`` for Arrow's writers: on local disk and NFS, Arrow's own file.
+
+        Arrow writes to a Python file through Python, taking the GIL for every write: a Parquet
+        writer then waits for whichever thread holds it (in a bronze extraction, the one reading
+        ahead from the source). To ``pa.OSFile`` it writes without it: a 2M-row extraction in the
+        benchmark took ~4% less wall time.
+        """
+        with self._atomic(relative, azure_block_size, lambda temp: pa.OSFile(temp, "wb")) as handle:
+            yield handle
+
+    @contextlib.contextmanager
+    def _atomic(
+        self, relative: str, azure_block_size: int, open_local: Callable[[str], Any]
+    ) -> Iterator[Any]:
         final = self.path(relative)
         if not self.root.is_azure:
             directory = os.path.dirname(final)
@@ -391,7 +412,7 @@ class LakeStorage:
             _remove_stale(directory, prefix)
             temp = os.path.join(directory, f"{prefix}{uuid.uuid4().hex}")
             try:
-                with open(temp, "wb") as handle:
+                with open_local(temp) as handle:
                     yield handle
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -406,7 +427,7 @@ class LakeStorage:
         # drop the handle instead of closing it, so no blob (or a previous version) changes.
         handle: Any = self.fs.open(final, "wb", block_size=azure_block_size)
         try:
-            yield cast(IO[bytes], handle)
+            yield handle
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.discard()

@@ -202,10 +202,15 @@ def test_in_progress_and_hidden_names_are_invisible(tmp_path: Path) -> None:
     assert not is_visible_name(f"a/.b{INPROGRESS_MARKER}1/c.parquet")
 
 
-def test_atomic_write_appears_only_when_complete(lake_root: LakeRoot) -> None:
+# atomic_arrow_writer: Arrow's own file on local disk (what Parquet files are written through).
+WRITERS = pytest.mark.parametrize("writer", ["atomic_writer", "atomic_arrow_writer"])
+
+
+@WRITERS
+def test_atomic_write_appears_only_when_complete(lake_root: LakeRoot, writer: str) -> None:
     storage = lake_root.storage()
     table = _table(1000)
-    with storage.atomic_writer("t/a.parquet") as handle:
+    with getattr(storage, writer)("t/a.parquet") as handle:
         pq.write_table(table, handle)
         # More than one staged block on Azure (8 MiB): written, yet not visible to anyone.
         handle.write(os.urandom(9 * 2**20))
@@ -220,12 +225,13 @@ def test_atomic_write_appears_only_when_complete(lake_root: LakeRoot) -> None:
         assert storage.uri("t/a.parquet") == str(Path(lake_root.url) / "t" / "a.parquet")
 
 
-def test_failed_write_keeps_the_previous_version(lake_root: LakeRoot) -> None:
+@WRITERS
+def test_failed_write_keeps_the_previous_version(lake_root: LakeRoot, writer: str) -> None:
     storage = lake_root.storage()
     _write(storage, "t/a.parquet", _table(10))
     with (
         pytest.raises(RuntimeError, match="source went away"),
-        storage.atomic_writer("t/a.parquet") as handle,
+        getattr(storage, writer)("t/a.parquet") as handle,
     ):
         pq.write_table(_table(20, offset=100), handle)
         handle.write(os.urandom(9 * 2**20))
@@ -248,7 +254,7 @@ _KILL_CHILD = textwrap.dedent(
     azure = AzureBlobResource(credential=ADLS2Key(key=cfg["key"]), blob_endpoint=cfg["endpoint"]) if cfg["key"] else None
     storage = LakeStorage(cfg["url"], azure)
     schema = pa.schema([("payload", pa.binary())])
-    with storage.atomic_writer("t/a.parquet") as old, storage.atomic_writer("t/fresh.parquet") as new:
+    with storage.atomic_writer("t/a.parquet") as old, storage.atomic_arrow_writer("t/fresh.parquet") as new:
         writers = [pq.ParquetWriter(old, schema), pq.ParquetWriter(new, schema)]
         for i in range(24):  # 1 MiB incompressible row groups: blocks get staged on Azure
             for w in writers:

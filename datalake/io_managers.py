@@ -442,12 +442,19 @@ class ParquetIOManager(_LakeRoot):
                 f"the output is an empty dict for partitions {left[0]}..{left[-1]}: return an empty "
                 "frame with the schema for a partition without rows"
             )
-        results = {key: write_output(storage, files[key], value, **bounds) for key, value in obj.items()}
-        schema = next((r.schema for r in results.values() if r.schema is not None), None)
-        for key in left:
-            if schema is None:
-                raise dg.Failure(f"no partition's output has a schema to write partition {key} empty with")
-            results[key] = write_output(storage, files[key], schema.empty_table(), **bounds)
+        # Published together, as a range split is: none of the files if any of them fails.
+        with storage.atomic_group() as group:
+            results = {
+                key: write_output(storage, files[key], value, **bounds, group=group)
+                for key, value in obj.items()
+            }
+            schema = next((r.schema for r in results.values() if r.schema is not None), None)
+            for key in left:
+                if schema is None:
+                    raise dg.Failure(
+                        f"no partition's output has a schema to write partition {key} empty with"
+                    )
+                results[key] = write_output(storage, files[key], schema.empty_table(), **bounds, group=group)
         return results
 
     def load_input(self, context: dg.InputContext) -> Any:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalake.settings import default_duckdb_spill_directory
-from datalake.storage import SPLIT_AZURE_BLOCK_SIZE, LakeStorage, ProtocolAlias, safe_segment
+from datalake.storage import SPLIT_AZURE_BLOCK_SIZE, AtomicGroup, LakeStorage, ProtocolAlias, safe_segment
 
 # polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
 # together they are ~40 MB of a run worker's memory.
@@ -370,14 +370,15 @@ def write_parquet(
     row_group_size: int | None = None,
     use_dictionary: Dictionary = True,
     row_group_bytes: int | None = None,
+    group: AtomicGroup | None = None,
 ) -> WriteResult:
     """Streams batches into one Parquet file that becomes visible atomically.
 
     ``use_dictionary``: all columns (the default), the columns to dictionary-encode, or a rule
     that picks them from the first row group. ``row_group_bytes``: a row group also ends once
-    it holds that many bytes of Arrow data.
+    it holds that many bytes of Arrow data. ``group``: visible with the group's other files.
     """
-    with storage.atomic_arrow_writer(relative) as handle:
+    with storage.atomic_arrow_writer(relative, group=group) as handle:
         sink = _ParquetSink(
             handle, schema, row_group_size, use_dictionary=use_dictionary, row_group_bytes=row_group_bytes
         )
@@ -388,12 +389,13 @@ def write_parquet(
             sink.abort()
             raise
         sink.close()
+        written = handle.tell()  # the file's size: in a group it is not under its name yet
     return WriteResult(
         relative=relative,
         uri=storage.uri(relative),
         rows=sink.rows,
         row_groups=sink.row_groups,
-        bytes=storage.size(relative),
+        bytes=written,
         schema=schema,
     )
 
@@ -406,13 +408,16 @@ def write_output(
     row_group_size: int,
     row_group_bytes: int | None = None,
     row_bytes: int | None = None,
+    group: AtomicGroup | None = None,
 ) -> WriteResult:
     """Any supported output into one file, streamed: a LazyFrame is sunk, never collected.
 
     Row groups end at ``row_group_size`` rows or ``row_group_bytes`` of Arrow data (polars' own
     sink counts rows only). ``row_bytes``: the average input row, which sizes DuckDB reads.
+    ``group``: visible with the group's other files (polars frames then stream as Arrow batches,
+    since what polars' sink wrote is read back from the file's footer under its name).
     """
-    if loaded_instance(obj, "polars", "LazyFrame", "DataFrame"):
+    if group is None and loaded_instance(obj, "polars", "LazyFrame", "DataFrame"):
         with storage.atomic_writer(relative) as handle:
             if loaded_instance(obj, "polars", "LazyFrame"):
                 obj.sink_parquet(
@@ -433,7 +438,13 @@ def write_output(
         )
     schema, batches = record_batches(obj, row_group_size, row_group_bytes, row_bytes)
     return write_parquet(
-        storage, relative, schema, batches, row_group_size=row_group_size, row_group_bytes=row_group_bytes
+        storage,
+        relative,
+        schema,
+        batches,
+        row_group_size=row_group_size,
+        row_group_bytes=row_group_bytes,
+        group=group,
     )
 
 
@@ -566,8 +577,9 @@ def write_partitions(
     """One streaming pass over a range output into one file per partition (``files``: key → path).
 
     Rows keep their order within each partition. Every targeted partition gets a file; one with no
-    rows gets an empty file with the output's schema. Files are committed together at the end, and
-    none if anything fails (a row outside the range, a read error).
+    rows gets an empty file with the output's schema. The files are written completely, then
+    published together (``LakeStorage.atomic_group``): none if anything fails first (a row outside
+    the range, a read error, a full disk while writing any of them).
 
     Memory: each partition buffers up to one row group (``row_group_size`` rows or
     ``row_group_bytes``). When the buffers together pass ``PENDING_ROW_GROUPS`` row groups (in rows
@@ -585,10 +597,14 @@ def write_partitions(
     def over_budget(rows: int, size: int) -> bool:
         return rows > budget or (byte_budget is not None and size > byte_budget)
 
-    with contextlib.ExitStack() as stack:
+    sizes: dict[int, int] = {}
+    # The stack closes every file (last opened first) before the group publishes any.
+    with storage.atomic_group() as group, contextlib.ExitStack() as stack:
 
         def open_sink(i: int) -> _ParquetSink:
-            handle = stack.enter_context(storage.atomic_arrow_writer(files[keys[i]], SPLIT_AZURE_BLOCK_SIZE))
+            handle = stack.enter_context(
+                storage.atomic_arrow_writer(files[keys[i]], SPLIT_AZURE_BLOCK_SIZE, group=group)
+            )
             sink = _ParquetSink(
                 handle, schema, row_group_size, SPLIT_DICTIONARY_PAGE_LIMIT, row_group_bytes=row_group_bytes
             )
@@ -596,6 +612,7 @@ def write_partitions(
             def finish(exc_type: Any, exc: Any, tb: Any) -> bool:
                 if exc_type is None:
                     sink.close()
+                    sizes[i] = handle.tell()
                 else:
                     sink.abort()
                 return False
@@ -634,7 +651,7 @@ def write_partitions(
             uri=storage.uri(files[keys[i]]),
             rows=sink.rows,
             row_groups=sink.row_groups,
-            bytes=storage.size(files[keys[i]]),
+            bytes=sizes[i],
             schema=schema,
         )
         for i, sink in sorted(sinks.items())

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, cast
 from urllib.parse import urlparse
 
@@ -377,18 +377,21 @@ class LakeStorage:
 
     # --- writing --------------------------------------------------------------
     @contextlib.contextmanager
-    def atomic_writer(self, relative: str, azure_block_size: int = AZURE_BLOCK_SIZE) -> Iterator[IO[bytes]]:
+    def atomic_writer(
+        self, relative: str, azure_block_size: int = AZURE_BLOCK_SIZE, group: AtomicGroup | None = None
+    ) -> Iterator[IO[bytes]]:
         """A binary file that becomes visible under ``relative`` only if the block exits cleanly.
 
         An existing file of that name (a retry of the same run) stays readable until replaced. On
-        Azure up to ``azure_block_size`` bytes are held in memory before they are staged.
+        Azure up to ``azure_block_size`` bytes are held in memory before they are staged. In a
+        ``group`` (see ``atomic_group``) it becomes visible with the group's other files.
         """
-        with self._atomic(relative, azure_block_size, lambda temp: open(temp, "wb")) as handle:
+        with self._atomic(relative, azure_block_size, lambda temp: open(temp, "wb"), group) as handle:
             yield handle
 
     @contextlib.contextmanager
     def atomic_arrow_writer(
-        self, relative: str, azure_block_size: int = AZURE_BLOCK_SIZE
+        self, relative: str, azure_block_size: int = AZURE_BLOCK_SIZE, group: AtomicGroup | None = None
     ) -> Iterator[pa.NativeFile | IO[bytes]]:
         """``atomic_writer`` for Arrow's writers: on local disk and NFS, Arrow's own file.
 
@@ -397,12 +400,35 @@ class LakeStorage:
         ahead from the source). To ``pa.OSFile`` it writes without it: a 2M-row extraction in the
         benchmark took ~4% less wall time.
         """
-        with self._atomic(relative, azure_block_size, lambda temp: pa.OSFile(temp, "wb")) as handle:
+        with self._atomic(relative, azure_block_size, lambda temp: pa.OSFile(temp, "wb"), group) as handle:
             yield handle
 
     @contextlib.contextmanager
+    def atomic_group(self) -> Iterator[AtomicGroup]:
+        """Files written in the block become visible together once it exits cleanly; none otherwise.
+
+        Each file of the group is first written completely: locally flushed, fsynced and closed
+        under its hidden in-progress name; on Azure every block but the last staged. Only when the
+        block exits cleanly are they published, one after the other (renamed; the last block
+        uploaded and the block list committed). A failure while writing any of them (a full disk,
+        a lost connection) publishes none; what remains possible is a failure among the
+        publishing steps themselves, after the data of every file is written.
+        """
+        group = AtomicGroup()
+        try:
+            yield group
+        except BaseException:
+            group.discard()
+            raise
+        group.publish()
+
+    @contextlib.contextmanager
     def _atomic(
-        self, relative: str, azure_block_size: int, open_local: Callable[[str], Any]
+        self,
+        relative: str,
+        azure_block_size: int,
+        open_local: Callable[[str], Any],
+        group: AtomicGroup | None,
     ) -> Iterator[Any]:
         final = self.path(relative)
         if not self.root.is_azure:
@@ -411,30 +437,67 @@ class LakeStorage:
             prefix = f".{os.path.basename(final)}{INPROGRESS_MARKER}"
             _remove_stale(directory, prefix)
             temp = os.path.join(directory, f"{prefix}{uuid.uuid4().hex}")
+
+            def remove() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(temp)
+
+            def publish() -> None:
+                os.replace(temp, final)
+                _fsync_dir(directory)
+
             try:
                 with open_local(temp) as handle:
                     yield handle
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.replace(temp, final)
-                _fsync_dir(directory)
+                if group is None:
+                    publish()
             except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(temp)
+                remove()
                 raise
+            if group is not None:
+                group.staged.append((publish, remove))
             return
         # Azure: blocks are staged as they are written and committed by close(); on failure we
         # drop the handle instead of closing it, so no blob (or a previous version) changes.
         handle: Any = self.fs.open(final, "wb", block_size=azure_block_size)
-        try:
-            yield handle
-        except BaseException:
+
+        def drop() -> None:
             with contextlib.suppress(Exception):
                 handle.discard()
             # closed=True so garbage collection (fsspec's __del__ closes open files) does not commit it.
             handle.closed = True
+
+        try:
+            yield handle
+        except BaseException:
+            drop()
             raise
-        handle.close()
+        if group is None:
+            handle.close()
+        else:
+            group.staged.append((handle.close, drop))
+
+
+@dataclass
+class AtomicGroup:
+    """The files of one ``LakeStorage.atomic_group`` block: each one's publish and discard steps."""
+
+    staged: list[tuple[Callable[[], None], Callable[[], None]]] = field(default_factory=list)
+
+    def publish(self) -> None:
+        for i, (publish, _discard) in enumerate(self.staged):
+            try:
+                publish()
+            except BaseException:
+                for _publish, discard in self.staged[i:]:
+                    discard()
+                raise
+
+    def discard(self) -> None:
+        for _publish, discard in self.staged:
+            discard()
 
 
 def _remove_stale(directory: str, prefix: str) -> None:

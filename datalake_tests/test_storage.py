@@ -242,6 +242,78 @@ def test_failed_write_keeps_the_previous_version(lake_root: LakeRoot, writer: st
         assert sorted(p.name for p in (Path(lake_root.url) / "t").iterdir()) == ["a.parquet"]  # no temp left
 
 
+def test_a_group_publishes_its_files_together_or_none(lake_root: LakeRoot) -> None:
+    storage = lake_root.storage()
+    names = [f"t/{n}.parquet" for n in "abc"]
+    for name in names:
+        _write(storage, name, _table(10))
+    # b fails after a is completely written (flushed and fsynced, or its blocks staged): none changes.
+    with pytest.raises(RuntimeError, match="disk full"), storage.atomic_group() as group:
+        for name in names:
+            with storage.atomic_arrow_writer(name, group=group) as handle:
+                pq.write_table(_table(20, offset=100), handle)
+                if name.endswith("b.parquet"):
+                    raise RuntimeError("disk full")
+    assert storage.list_files("t/") == names
+    assert all(_read(storage, name).equals(_table(10)) for name in names)
+    if lake_root.kind == "local":
+        assert sorted(p.name for p in (Path(lake_root.url) / "t").iterdir()) == [
+            "a.parquet",
+            "b.parquet",
+            "c.parquet",
+        ]
+    # A clean block: nothing changes until it ends, then every file does.
+    with storage.atomic_group() as group:
+        for name in names:
+            with storage.atomic_writer(name, group=group) as handle:
+                pq.write_table(_table(20, offset=100), handle)
+        assert all(_read(storage, name).equals(_table(10)) for name in names)
+    assert all(_read(storage, name).equals(_table(20, offset=100)) for name in names)
+
+
+_SPLIT_CHILD = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    import dagster as dg
+    import pyarrow as pa
+    from datalake.lake import PartitionAssigner, write_partitions
+    from datalake.storage import LakeStorage
+
+    keys = [f"p{i}" for i in range(6)]
+    schema = pa.schema([("p", pa.string()), ("blob", pa.binary())])
+    # p3 is ~1 MiB (incompressible); the others a few bytes. Their files are written as the split ends.
+    batches = [pa.record_batch({"p": [k], "blob": [os.urandom(2**20 if k == "p3" else 8)]}, schema) for k in keys]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    write_partitions(
+        LakeStorage(sys.argv[1]),
+        {k: f"split/{k}.parquet" for k in keys},
+        pa.RecordBatchReader.from_batches(schema, iter(batches)),
+        PartitionAssigner.for_partitions(dg.StaticPartitionsDefinition(keys), keys, "p"),
+        row_group_size=122_880,
+        row_group_bytes=2**24,
+        )
+    """
+)
+
+
+def test_a_range_split_whose_partition_cannot_be_written_replaces_no_partition(tmp_path: Path) -> None:
+    """One partition's file fails while the split writes its files (a full disk, a quota): every
+    partition keeps its previous file, including those whose new file was complete."""
+    storage = LakeStorage(str(tmp_path / "lake"))
+    keys = [f"p{i}" for i in range(6)]
+    for key in keys:
+        _write(storage, f"split/{key}.parquet", _table(10))
+    child = subprocess.run(
+        [sys.executable, "-c", _SPLIT_CHILD, str(tmp_path / "lake")], cwd=REPO, capture_output=True, text=True
+    )
+    assert child.returncode != 0
+    assert "File too large" in child.stderr or "Errno 27" in child.stderr, child.stderr[-2000:]
+    assert storage.list_files("split/") == [f"split/{k}.parquet" for k in keys]
+    assert all(_read(storage, f"split/{k}.parquet").equals(_table(10)) for k in keys)
+    assert sorted(p.name for p in (tmp_path / "lake" / "split").iterdir()) == [f"{k}.parquet" for k in keys]
+
+
 _KILL_CHILD = textwrap.dedent(
     """
     import json, os, sys, time

@@ -143,8 +143,11 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
             """Current state of every invoice with its status and data (invoice ⋈ invoice_status ⋈ invoice_data)."""
             con = duckdb_resource.connect()
             invoice.view(con, "inv")
-            invoice_status.view(con, "st")
-            invoice_data.view(con, "dat")
+            invoice_status.view(con, "invoice_status")
+            invoice_data.view(con, "invoice_data")
+            # The source allows one status and one data row per invoice (UNIQUE(invoice_id)), but
+            # their current state is keyed by the row id: a delete + re-insert under a new id leaves
+            # both rows current until the nightly delete reconciliation. Join the newest one only.
             return con.sql(
                 """
                 SELECT inv.invoice_id, inv.customer_id, inv.partner_id, inv.invoice_number,
@@ -154,8 +157,14 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
                        inv.created_at,
                        greatest(inv.updated_at, st.updated_at, dat.updated_at) AS updated_at
                 FROM inv
-                LEFT JOIN st ON st.invoice_id = inv.invoice_id
-                LEFT JOIN dat ON dat.invoice_id = inv.invoice_id
+                LEFT JOIN (SELECT * FROM invoice_status
+                           QUALIFY row_number() OVER (PARTITION BY invoice_id
+                                                      ORDER BY updated_at DESC, invoice_status_id DESC) = 1) st
+                       ON st.invoice_id = inv.invoice_id
+                LEFT JOIN (SELECT * FROM invoice_data
+                           QUALIFY row_number() OVER (PARTITION BY invoice_id
+                                                      ORDER BY updated_at DESC, invoice_data_id DESC) = 1) dat
+                       ON dat.invoice_id = inv.invoice_id
                 ORDER BY inv.invoice_id
                 """
             )

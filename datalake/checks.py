@@ -2,13 +2,13 @@
 
 - silver: primary key unique and non-null on every model that declares one — *blocking*, so a
   broken silver table never feeds the models and Rev-Sci built on it in the same run;
-- bronze: the latest window reconciled against the source's row count; NULL-cursor rows
+- bronze: the checked partition's window reconciled against the source's row count; NULL-cursor rows
   counted in the source; column-schema changes; freshness of the incremental tables (evaluated
   by the ``bronze_freshness_checks`` sensor).
 """
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -103,12 +103,11 @@ def _reconciliation_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinitio
         asset=key,
         name="window_reconciles_with_source",
         pool=pool,
-        description="The latest extracted window holds at least the rows the source has in it now "
-        "(rows updated since moved to a later window; none may be missing).",
+        description="The checked window (this run's, else the checked partition's latest) holds at least "
+        "the rows the source has in it now (rows updated since moved to a later window; none may be missing).",
     )
     def _check(context: dg.AssetCheckExecutionContext, v3_source: V3SourceResource) -> dg.AssetCheckResult:
-        event = context.instance.get_latest_materialization_event(key)
-        materialization = event.asset_materialization if event else None
+        materialization = _checked_materialization(context, key)
         if materialization is None:
             return dg.AssetCheckResult(passed=True, metadata={"note": "not materialized yet"})
         meta = {k: v.value for k, v in materialization.metadata.items()}
@@ -127,10 +126,7 @@ def _reconciliation_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinitio
             source_rows = int(
                 conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
             )
-        # NULL-cursor rows are re-read every run and lie outside the window's bounds.
-        bronze_rows = int(str(meta.get("dagster/row_count", 0))) - int(
-            str(meta.get("datalake/null_cursor_rows", 0) or 0)
-        )
+        bronze_rows = _window_rows(meta)
         return dg.AssetCheckResult(
             passed=bronze_rows >= source_rows,
             severity=dg.AssetCheckSeverity.ERROR,
@@ -143,6 +139,48 @@ def _reconciliation_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinitio
         )
 
     return _check
+
+
+def _checked_materialization(
+    context: dg.AssetCheckExecutionContext, key: dg.AssetKey
+) -> dg.AssetMaterialization | None:
+    """The materialization this check evaluates.
+
+    In the asset's own run, the one that run wrote (for the run's partition); otherwise (the
+    checks run alone, a re-execution) the latest of the partition being checked. Not the asset's
+    latest of *any* partition: a backfill of another day, or a concurrent run, may have landed since.
+    """
+    partitions = [context.partition_key] if context.has_partition_key else None
+    instance = context.instance
+    own = [
+        record.asset_materialization
+        for record in instance.get_records_for_run(
+            context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        ).records
+        if record.asset_key == key and (partitions is None or record.partition_key in partitions)
+    ]
+    if own:
+        return own[-1]  # ascending: the run's last
+    if partitions is None:
+        event = instance.get_latest_materialization_event(key)
+        return event.asset_materialization if event else None
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
+    ).records
+    return records[0].asset_materialization if records else None
+
+
+def _window_rows(meta: Mapping[str, Any]) -> int:
+    """The rows bronze read from the window's bounds (what the source's count is held against)."""
+    if "datalake/window_rows" in meta:
+        return int(str(meta["datalake/window_rows"]))
+
+    # Written before that entry existed: ``dagster/row_count`` also holds the NULL-cursor rows
+    # (re-read every run, outside the window's bounds) and a reconciliation's delete tombstones.
+    def count(name: str) -> int:
+        return int(str(meta.get(name) or 0))
+
+    return count("dagster/row_count") - count("datalake/null_cursor_rows") - count("datalake/deletes_found")
 
 
 def _null_cursor_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinition:

@@ -377,6 +377,9 @@ class Extraction:
             "datalake/passes": stats.passes,
             "datalake/zero_dates_nulled": stats.zero_dates,
             "datalake/null_cursor_rows": stats.null_cursor_rows,
+            # The rows read from the window's bounds: no NULL-cursor rows (re-read every run, outside
+            # every window) and no delete tombstones (``dagster/row_count`` counts both).
+            "datalake/window_rows": stats.rows - stats.null_cursor_rows,
             "datalake/batches": stats.batches,
             "datalake/fetch_rows": self.fetch_rows,
             "datalake/spilled_batches": stats.spilled_batches,

@@ -1,0 +1,137 @@
+"""The bronze check ``window_reconciles_with_source`` against a real MariaDB, through Dagster runs.
+
+A "lost" row is one committed late with a cursor inside an already-extracted window: the thing
+the check exists to catch. It must not be hidden by a reconciliation's delete tombstones (counted
+in ``dagster/row_count``), nor by a later materialization of another partition.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from datalake.definitions import build_definitions
+from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
+from datalake_tests.helpers import run_checks
+from datalake_tests.services import MariaDBServer
+
+pytestmark = pytest.mark.mariadb
+
+CHECK = "window_reconciles_with_source"
+KEY = dg.AssetKey(["bronze", "t"])
+
+
+@pytest.fixture(params=["arrow", "rows"])
+def harness(
+    request: pytest.FixtureRequest,
+    mariadb_server: MariaDBServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[BronzeHarness]:
+    # The password reaches the resource as an EnvVar, resolved from the process environment.
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    h = BronzeHarness(
+        server=mariadb_server, root=tmp_path, reader="auto" if request.param == "arrow" else "rows"
+    )
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
+            updated_at DATETIME(6) NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
+    )
+    h.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
+    yield h
+    h.dispose()
+
+
+def _insert(h: BronzeHarness, *ids: int) -> None:
+    """New rows, their cursor strictly after the last window's end and before the next one's."""
+    time.sleep(0.05)
+    h.sql(f"INSERT INTO {SCHEMA}.t (id, v) VALUES " + ", ".join(f"({i}, 'v{i}')" for i in ids))
+    time.sleep(0.05)
+
+
+def _lose_row_in(h: BronzeHarness, materialization: dg.AssetMaterialization | None, row_id: int) -> None:
+    """A row committed after the run, with a cursor in the middle of the run's window."""
+    lo = dt.datetime.fromisoformat(meta(materialization, "datalake/window_lo"))
+    hi = dt.datetime.fromisoformat(meta(materialization, "datalake/window_hi"))
+    ts = (lo + (hi - lo) / 2).astimezone(dt.UTC).replace(tzinfo=None)
+    h.sql(f"INSERT INTO {SCHEMA}.t (id, v, updated_at) VALUES (:i, 'late', :ts)", i=row_id, ts=ts)
+
+
+def _check(h: BronzeHarness, partition: str | None = None) -> dg.AssetCheckEvaluation:
+    return run_checks(
+        build_definitions(h.settings()), {dg.AssetCheckKey(KEY, CHECK)}, h.instance, partition=partition
+    )[("bronze/t", CHECK)]
+
+
+def test_lost_row_fails_the_check_after_a_reconciliation_with_deletes(harness: BronzeHarness) -> None:
+    h = harness
+    _insert(h, 1, 2, 3)
+    h.sql(f"INSERT INTO {SCHEMA}.t (id, v, updated_at) VALUES (9, 'nullcur', NULL)")  # re-read every run
+    h.run("t")
+    _insert(h, 4)
+    h.sql(f"DELETE FROM {SCHEMA}.t WHERE id IN (1, 2)")
+    m = h.run("t", config={"reconcile_deletes": True})
+    # The file holds the window's row, the NULL-cursor row and two tombstones.
+    assert meta(m, "datalake/deletes_found") == 2
+    assert meta(m, "datalake/null_cursor_rows") == 1
+    assert meta(m, "dagster/row_count") == 4
+    assert meta(m, "datalake/window_rows") == 1
+    assert _check(h).passed
+
+    _lose_row_in(h, m, 40)
+    evaluation = _check(h)
+    assert not evaluation.passed
+    assert evaluation.metadata["bronze_rows"].value == 1
+    assert evaluation.metadata["source_rows_now"].value == 2
+
+
+def test_check_of_a_partition_evaluates_its_window_after_another_day_is_backfilled(
+    harness: BronzeHarness,
+) -> None:
+    h = harness
+    today = dt.datetime.now(h.settings().tz).date()
+    yesterday = today - dt.timedelta(days=1)
+    _insert(h, 1, 2, 3)
+    h.run("t", partition=today.isoformat())
+    _insert(h, 4)
+    m = h.run("t", partition=today.isoformat())
+    _lose_row_in(h, m, 60)
+    # A backfill of another day lands after today's run (its window holds none of these rows).
+    backfill = h.run("t", partition=yesterday.isoformat())
+    assert meta(backfill, "datalake/window_kind") == "backfill"
+
+    evaluation = _check(h, partition=today.isoformat())
+    assert not evaluation.passed
+    assert evaluation.metadata["partition"].value == today.isoformat()
+    window = f"[{meta(m, 'datalake/window_lo')}, {meta(m, 'datalake/window_hi')})"
+    assert evaluation.metadata["window"].value == window
+    assert evaluation.metadata["source_rows_now"].value == 2
+    # The backfilled day is checked against its own window, which lost nothing.
+    other = _check(h, partition=yesterday.isoformat())
+    assert other.passed
+    assert other.metadata["partition"].value == yesterday.isoformat()
+
+
+def test_materialization_without_window_rows_discounts_tombstones(harness: BronzeHarness) -> None:
+    """A materialization written before ``datalake/window_rows`` existed: row count less tombstones."""
+    h = harness
+    today = dt.datetime.now(h.settings().tz).date().isoformat()
+    _insert(h, 1, 2, 3)
+    h.run("t", partition=today)
+    _insert(h, 4)
+    h.sql(f"DELETE FROM {SCHEMA}.t WHERE id IN (1, 2)")
+    m = h.run("t", partition=today, config={"reconcile_deletes": True})
+    assert m is not None
+    legacy = {k: v for k, v in m.metadata.items() if k != "datalake/window_rows"}
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(KEY, partition=today, metadata=legacy))
+    assert _check(h, partition=today).passed
+
+    _lose_row_in(h, m, 40)
+    evaluation = _check(h, partition=today)
+    assert not evaluation.passed
+    assert evaluation.metadata["bronze_rows"].value == 1

@@ -11,7 +11,7 @@ import datetime as dt
 
 import dagster as dg
 
-from datalake.assets.bronze import build_bronze_assets
+from datalake.assets.bronze import SCHEDULED_DAY_TAG, build_bronze_assets
 from datalake.assets.revsci import build_partner_sync_sensor, build_revsci_assets
 from datalake.assets.silver import build_silver_assets
 from datalake.checks import build_checks
@@ -160,7 +160,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     def bronze_incremental(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         day = context.scheduled_execution_time.astimezone(settings.tz).date().isoformat()
-        return dg.RunRequest(partition_key=day)
+        return dg.RunRequest(partition_key=day, tags={SCHEDULED_DAY_TAG: day})
 
     reconcile_config = {
         "ops": {
@@ -181,7 +181,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     def bronze_delete_reconciliation(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         day = context.scheduled_execution_time.astimezone(settings.tz).date().isoformat()
-        return dg.RunRequest(partition_key=day, run_config=reconcile_config)
+        return dg.RunRequest(partition_key=day, run_config=reconcile_config, tags={SCHEDULED_DAY_TAG: day})
 
     sensors: list[dg.SensorDefinition] = [
         # Silver and Rev-Sci follow bronze by their automation conditions; this sensor evaluates

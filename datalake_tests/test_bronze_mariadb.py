@@ -565,6 +565,43 @@ def test_null_cursor_rows_follow_the_policy(harness: BronzeHarness, policy: str)
         assert not check.passed
 
 
+def test_a_scheduled_run_executing_after_midnight_is_its_tick_days_incremental_run(
+    harness: BronzeHarness,
+) -> None:
+    """The 23:15 tick's run waits (for the V3 pool, a free run slot) until after midnight: it is
+    still that day's incremental run — not a stateless re-read of the whole past day."""
+    import dagster as dg
+
+    from datalake.definitions import build_definitions
+
+    h = harness
+    _events(h)
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', UTC_TIMESTAMP(6) - INTERVAL 1 MINUTE)"
+    )
+    first = h.run("events")
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('b', UTC_TIMESTAMP(6))")
+    time.sleep(0.05)
+    settings = h.settings()
+    defs = build_definitions(settings)
+    yesterday = dt.datetime.now(settings.tz).date() - dt.timedelta(days=1)
+    tick = dt.datetime.combine(yesterday, dt.time(23, 15), settings.tz)
+    with dg.build_schedule_context(
+        scheduled_execution_time=tick, instance=h.instance, repository_def=defs.get_repository_def()
+    ) as context:
+        (request,) = defs.resolve_schedule_def("bronze_incremental").evaluate_tick(context).run_requests or []
+    assert request.partition_key == yesterday.isoformat()
+    result = defs.resolve_job_def("bronze_job").execute_in_process(
+        partition_key=request.partition_key, instance=h.instance, tags=request.tags
+    )
+    (event,) = result.get_asset_materialization_events()
+    m = event.materialization
+    assert meta(m, "datalake/window_kind") == "incremental"
+    assert meta(m, "datalake/window_lo") == meta(first, WATERMARK_KEY)
+    assert meta(m, "dagster/row_count") == 1  # 'b' only: from the watermark on, not the past day
+    assert meta(m, WATERMARK_KEY) == meta(m, "datalake/window_hi")  # the watermark moves
+
+
 def test_backfill_is_stateless_and_holds_exactly_that_day(harness: BronzeHarness) -> None:
     h = harness
     _events(h)

@@ -21,6 +21,11 @@ from datalake.specs import CursorKind, Mode, TableSpec
 from datalake.watermark import WatermarkResource, decode_watermark
 
 BACKFILL_TAG = "dagster/backfill"
+# Set by the bronze schedules: the ingestion date of the tick. Such a run is that date's incremental
+# run whenever it executes: a tick at 23:15 whose run waits for the V3 pool until after midnight
+# (or a step retried then) still reads its incremental window, instead of taking its partition for a
+# past day and re-reading that whole day statelessly without moving the watermark.
+SCHEDULED_DAY_TAG = "datalake/scheduled_day"
 
 
 def retry_policy(settings: Settings) -> dg.RetryPolicy:
@@ -101,6 +106,12 @@ def plan_window(
     return Window(WindowKind.BACKFILL, column=spec.window_column, lo=lo, hi=hi)
 
 
+def _today(context: dg.AssetExecutionContext, settings: Settings) -> dt.date:
+    """The ingestion date whose run this is incremental for: a scheduled run's tick date, else today."""
+    scheduled = context.run.tags.get(SCHEDULED_DAY_TAG)
+    return dt.date.fromisoformat(scheduled) if scheduled else dt.datetime.now(settings.tz).date()
+
+
 def _needed_date_guards(instance: dg.DagsterInstance, key: dg.AssetKey) -> bool:
     """Whether the table's latest materialization met zero dates (then this run starts guarded)."""
     event = instance.get_latest_materialization_event(key)
@@ -148,7 +159,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             is_backfill=BACKFILL_TAG in context.run.tags,
             settings=settings,
             committed=lambda: watermarks.committed(context.instance, key, spec.cursor.kind),  # type: ignore[union-attr]
-            today=dt.datetime.now(settings.tz).date(),
+            today=_today(context, settings),
         )
         context.log.info(
             f"{spec.qualified_name}: {window.kind.value} window lo={window.lo!s} hi={window.hi or 'source now'} "

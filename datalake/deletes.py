@@ -2,8 +2,8 @@
 
 No watermark sees a deleted row. On demand (run config ``reconcile_deletes: true``) or on the
 ``bronze_delete_reconciliation`` schedule, the bronze run — after its window — streams the
-source's primary keys (keys only) and anti-joins them with the keys the lake currently holds
-(latest version per key, not already deleted). Each missing key gets a tombstone row in the
+source's primary keys (keys only) and anti-joins them with the keys the lake holds — its earlier
+files and this run's window — (latest version per key, not already deleted). Each missing key gets a tombstone row in the
 same bronze file: its key columns, its latest cursor value, ``_datalake_deleted = true`` and the
 run's lineage; other columns NULL. Current-state silver drops keys whose latest version is a
 tombstone; bronze keeps the whole history. A re-inserted key comes back with a newer cursor and
@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from datalake.extract import (
@@ -25,11 +29,13 @@ from datalake.extract import (
     EXTRACTED_AT_COLUMN,
     ROW_SEQ_COLUMN,
     RUN_ID_COLUMN,
+    SPILL_PREFIX,
     Extraction,
     Window,
     WindowKind,
     plan_extraction,
     stream_rows,
+    sweep_stale_spills,
 )
 from datalake.lake import ParquetPaths
 
@@ -50,18 +56,63 @@ def source_keys(engine: sa.Engine, extraction: Extraction, batch_size: int) -> I
             yield pa.RecordBatch.from_arrays(arrays, schema=key_plan.schema)
 
 
-def reconciler(
-    engine: sa.Engine, extraction: Extraction, batch_size: int
-) -> Callable[[ParquetPaths, int], Iterator[pa.RecordBatch]]:
-    """What the bronze IO manager calls after the window's rows: tombstone batches for deleted keys.
+class Reconciler:
+    """The delete reconciliation of one bronze run (see the module's docstring).
 
-    ``existing`` is every visible bronze file of the table; ``first_seq`` continues the run's
-    row sequence.
+    The IO manager streams the window's batches through ``window`` and then writes what
+    ``tombstones`` yields into the same file. The keys compared with the source's are those of the
+    table's earlier files *and* of this run's window: a key updated or inserted in the window and
+    deleted in the source before the key scan (a concurrent OLTP delete) is tombstoned, with the
+    cursor of the version this run read, so silver's newest version of the key is the tombstone.
     """
 
-    def tombstones(existing: ParquetPaths, first_seq: int) -> Iterator[pa.RecordBatch]:
+    def __init__(self, engine: sa.Engine, extraction: Extraction, batch_size: int):
+        self.engine = engine
+        self.extraction = extraction
+        self.batch_size = batch_size
+        self.directory: str | None = None
+        self.window_rows = 0
+
+    def _columns(self) -> list[str]:
+        spec = self.extraction.spec
+        cursor = [spec.cursor.column] if spec.cursor else []
+        return [*spec.primary_key, *cursor, EXTRACTED_AT_COLUMN, ROW_SEQ_COLUMN]
+
+    def window(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """The window's batches, unchanged; their keys, cursor and lineage also go to a local file.
+
+        The file (Parquet, a few columns) lives in a spill directory of this process under
+        ``TMPDIR`` and is removed once the tombstones are computed (a killed run's is swept).
+        """
+        self.close()
+        sweep_stale_spills()
+        self.directory = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-keys-")
+        self.window_rows = 0
+        columns = self._columns()
+        schema = pa.schema([self.extraction.schema.field(c) for c in columns])
+        path = os.path.join(self.directory, "window.parquet")
+        try:
+            with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+                for batch in batches:
+                    if batch.num_rows:
+                        writer.write_batch(batch.select(columns))
+                        self.window_rows += batch.num_rows
+                    yield batch
+        except BaseException:  # the run failed, or the stream was dropped: no tombstones follow
+            self.close()
+            raise
+
+    def tombstones(self, existing: ParquetPaths, first_seq: int) -> Iterator[pa.RecordBatch]:
+        """Tombstone batches for the keys gone from the source; ``first_seq`` continues the run's sequence."""
+        try:
+            yield from self._tombstones(existing, first_seq)
+        finally:
+            self.close()
+
+    def _tombstones(self, existing: ParquetPaths, first_seq: int) -> Iterator[pa.RecordBatch]:
+        extraction = self.extraction
         spec, schema = extraction.spec, extraction.schema
-        if existing.is_empty:
+        if existing.is_empty and not self.window_rows:
             extraction.stats.deletes = 0
             return
         import duckdb
@@ -71,18 +122,24 @@ def reconciler(
         cursor = _q(spec.cursor.column) if spec.cursor else None
         order = [f"{cursor} DESC NULLS LAST"] if cursor else []
         order += [f"{_q(EXTRACTED_AT_COLUMN)} DESC", f"{_q(ROW_SEQ_COLUMN)} DESC"]
-        lake = existing.relation(con)
-        deleted = f"coalesce({_q(DELETED_COLUMN)}, false)" if DELETED_COLUMN in lake.columns else "false"
-        lake.create_view("lake")
+        columns = ", ".join(_q(c) for c in self._columns())
+        earlier = existing.relation(con)
+        deleted = f"coalesce({_q(DELETED_COLUMN)}, false)" if DELETED_COLUMN in earlier.columns else "false"
+        earlier.create_view("earlier")
+        # identifiers only (validated by the registry, quoted); the one path is this process's own
+        lake = f"SELECT {columns}, {deleted} AS __deleted FROM earlier"  # noqa: S608
+        if self.window_rows and self.directory is not None:
+            window = os.path.join(self.directory, "window.parquet").replace("'", "''")
+            lake += f" UNION ALL SELECT {columns}, false AS __deleted FROM read_parquet('{window}')"  # noqa: S608
+        con.execute(f"CREATE VIEW lake AS {lake}")
         reader = pa.RecordBatchReader.from_batches(
             pa.schema([schema.field(k) for k in spec.primary_key]),
-            source_keys(engine, extraction, batch_size),
+            source_keys(self.engine, extraction, self.batch_size),
         )
         con.register("source_keys", reader)
-        # identifiers only (validated by the registry, quoted); no values
         con.execute(
             f"CREATE TEMP TABLE gone AS SELECT {', '.join(keys)}{', ' + cursor if cursor else ''} FROM ("  # noqa: S608
-            f"  SELECT *, {deleted} AS __deleted FROM lake"
+            f"  SELECT * FROM lake"
             f"  QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY {', '.join(order)}) = 1"
             f") latest WHERE NOT __deleted AND ({', '.join(keys)}) NOT IN "
             f"(SELECT ({', '.join(keys)}) FROM source_keys)"
@@ -93,11 +150,14 @@ def reconciler(
             return
         now = dt.datetime.now(dt.UTC)
         seq = first_seq
-        for batch in con.sql("SELECT * FROM gone").to_arrow_reader(batch_size):
+        for batch in con.sql("SELECT * FROM gone").to_arrow_reader(self.batch_size):
             yield _tombstone_batch(schema, batch, extraction, now, seq)
             seq += batch.num_rows
 
-    return tombstones
+    def close(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
 
 
 def _tombstone_batch(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 from queue import Full, Queue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute
@@ -43,6 +43,9 @@ from sqlalchemy.dialects import mysql
 
 from datalake.lake import FETCHES_PER_ROW_GROUP, delta_encodable, rows_per_fetch
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
+
+if TYPE_CHECKING:
+    from datalake.deletes import Reconciler
 
 RUN_ID_COLUMN = "_datalake_run_id"
 EXTRACTED_AT_COLUMN = "_datalake_extracted_at"
@@ -326,10 +329,9 @@ class Extraction:
     batch_bytes: int = 0
     # Rows per fetch the reader started with (the row reader adapts it to the rows it meets).
     fetch_rows: int = 0
-    # Set for a delete reconciliation: given the table's existing bronze files and the next row
-    # sequence number, yields tombstone batches (see datalake/deletes.py). The IO manager calls it
-    # after the window's batches, so tombstones land in the same file.
-    reconcile: Callable[..., Iterator[pa.RecordBatch]] | None = None
+    # Set for a delete reconciliation (see datalake/deletes.py): the IO manager streams the window's
+    # batches through it, then writes its tombstones after them, in the same file.
+    reconcile: Reconciler | None = None
     # The resolved window, filled in once the read has started (hi is resolved then).
     resolved: dict[str, Any] = field(default_factory=dict)
     # Arrow reader only: zero dates are nulled server-side (see datalake/arrow_reader.py).
@@ -714,9 +716,9 @@ def extract(
     extraction.date_guards = date_guards and arrow_url is not None
     extraction.batches = extraction.reopen(extraction.date_guards)
     if reconcile_deletes:
-        from datalake.deletes import reconciler
+        from datalake.deletes import Reconciler
 
-        extraction.reconcile = reconciler(engine, extraction, batch_size)
+        extraction.reconcile = Reconciler(engine, extraction, batch_size)
     return extraction
 
 

@@ -261,7 +261,7 @@ def _with_tombstones(
     if obj.reconcile is None:
         return obj.batches
     # Tombstones follow the window's rows in the same file; the keys are compared with every
-    # file of the table already in the lake (not this run's).
+    # file of the table already in the lake and with this run's window (tapped as it streams).
     table = _asset_name(context.asset_key)
     own = bronze_file(table, context.partition_key, context.run_id)
     existing = [f for f in storage.list_files(bronze_prefix(table)) if f != own]
@@ -272,7 +272,9 @@ def _with_tombstones(
         filesystem=storage.scan_fs,
     )
     reconcile = obj.reconcile
-    return itertools.chain(obj.batches, _later(lambda: reconcile(handle, obj.stats.rows)))
+    return itertools.chain(
+        reconcile.window(obj.batches), _later(lambda: reconcile.tombstones(handle, obj.stats.rows))
+    )
 
 
 def _later(make: Callable[[], Iterator[pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:

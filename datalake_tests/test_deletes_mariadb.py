@@ -1,0 +1,96 @@
+"""Delete reconciliation against a real MariaDB: keys deleted while the reconciling run reads.
+
+A row of the run's own window — updated or inserted since the last run — can be deleted in the
+source between the window's read and the key scan (an OLTP delete concurrent with the run). Its
+tombstone must outrank the version the same run wrote, so silver drops the key at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+
+import datalake.deletes
+from datalake.definitions import build_definitions
+from datalake.extract import SPILL_PREFIX
+from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
+from datalake_tests.services import MariaDBServer
+
+pytestmark = pytest.mark.mariadb
+
+RECONCILE = {"reconcile_deletes": True}
+
+
+@pytest.fixture(params=["arrow", "rows"])
+def harness(
+    request: pytest.FixtureRequest,
+    mariadb_server: MariaDBServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[BronzeHarness]:
+    # The password reaches the resource as an EnvVar, resolved from the process environment.
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    h = BronzeHarness(
+        server=mariadb_server, root=tmp_path, reader="auto" if request.param == "arrow" else "rows"
+    )
+    yield h
+    h.dispose()
+
+
+def _current_ids(h: BronzeHarness) -> list[int]:
+    defs = build_definitions(h.settings())
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey(["silver", "t_current"])}
+    )
+    assert job.execute_in_process(instance=h.instance).success
+    path = h.root / "lake" / "silver" / "t_current" / "t_current.parquet"
+    relation = duckdb.sql(f"SELECT id FROM read_parquet('{path}') ORDER BY id")
+    assert relation is not None
+    return [int(row[0]) for row in relation.fetchall()]
+
+
+def test_keys_of_the_runs_own_window_deleted_before_its_key_scan_are_dropped_at_once(
+    harness: BronzeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
+        updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
+    )
+    h.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
+    h.sql(f"INSERT INTO {SCHEMA}.t (id, v) VALUES (1, 'a'), (2, 'b')")
+    time.sleep(0.05)
+    h.run("t")
+    # In the next window: key 1 updated, key 3 inserted. Both are deleted by the OLTP system after
+    # the run has read its window, just before it scans the source's keys.
+    h.sql(f"UPDATE {SCHEMA}.t SET v = 'a2' WHERE id = 1")
+    h.sql(f"INSERT INTO {SCHEMA}.t (id, v) VALUES (3, 'c')")
+    time.sleep(0.05)
+    scan = datalake.deletes.source_keys
+
+    def deleted_first(*args: Any, **kwargs: Any) -> Any:
+        h.sql(f"DELETE FROM {SCHEMA}.t WHERE id IN (1, 3)")
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(datalake.deletes, "source_keys", deleted_first)
+    m = h.run("t", config=RECONCILE)
+    assert meta(m, "dagster/row_count") == 4  # the window's 2 rows and 2 tombstones
+    assert meta(m, "datalake/deletes_found") == 2
+    written = h.read(m).to_pylist()
+    for key in (1, 3):
+        live, tombstone = (r for r in written if r["id"] == key)
+        assert tombstone["_datalake_deleted"] and not live["_datalake_deleted"]
+        assert tombstone["updated_at"] == live["updated_at"]  # the version this run read
+    assert _current_ids(h) == [2]
+    # The window's keys were kept in a spill directory of this process; it is gone.
+    assert not [
+        n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"{SPILL_PREFIX}{os.getpid()}-keys-")
+    ]

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from datalake.settings import Settings, resolve_settings
+from datalake_tests.bronze_harness import BronzeHarness
 from datalake_tests.helpers import mariadb_env
 from datalake_tests.services import (
     AzuriteServer,
@@ -108,3 +109,20 @@ def mariadb_settings(
     # Resources receive the password as an EnvVar, resolved from the process environment.
     monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
     return resolve_settings(mariadb_env(mariadb_server, tmp_path))
+
+
+@pytest.fixture(params=["arrow", "rows"])
+def harness(
+    request: pytest.FixtureRequest,
+    mariadb_server: MariaDBServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[BronzeHarness]:
+    """Bronze runs against the session's MariaDB, once per reader (``arrow``: the default for MySQL)."""
+    # The password reaches the resource as an EnvVar, resolved from the process environment.
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    h = BronzeHarness(
+        server=mariadb_server, root=tmp_path, reader="auto" if request.param == "arrow" else "rows"
+    )
+    yield h
+    h.dispose()

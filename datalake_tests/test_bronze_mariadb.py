@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,21 +29,6 @@ from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
 UTC = dt.UTC
-
-
-@pytest.fixture(params=["arrow", "rows"])
-def harness(
-    request: pytest.FixtureRequest,
-    mariadb_server: MariaDBServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[BronzeHarness]:
-    # The password reaches the resource as an EnvVar, resolved from the process environment.
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    reader = "auto" if request.param == "arrow" else "rows"
-    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader=reader)
-    yield h
-    h.dispose()
 
 
 def _events(h: BronzeHarness, extra: str = "") -> None:

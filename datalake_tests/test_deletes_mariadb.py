@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -22,27 +20,10 @@ import datalake.deletes
 from datalake.definitions import build_definitions
 from datalake.extract import SPILL_PREFIX
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
-from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
 
 RECONCILE = {"reconcile_deletes": True}
-
-
-@pytest.fixture(params=["arrow", "rows"])
-def harness(
-    request: pytest.FixtureRequest,
-    mariadb_server: MariaDBServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[BronzeHarness]:
-    # The password reaches the resource as an EnvVar, resolved from the process environment.
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    h = BronzeHarness(
-        server=mariadb_server, root=tmp_path, reader="auto" if request.param == "arrow" else "rows"
-    )
-    yield h
-    h.dispose()
 
 
 def _current_ids(h: BronzeHarness) -> list[int]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -18,7 +16,6 @@ import pytest
 from datalake.definitions import build_definitions
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
 from datalake_tests.helpers import run_checks
-from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
 
@@ -26,25 +23,16 @@ CHECK = "window_reconciles_with_source"
 KEY = dg.AssetKey(["bronze", "t"])
 
 
-@pytest.fixture(params=["arrow", "rows"])
-def harness(
-    request: pytest.FixtureRequest,
-    mariadb_server: MariaDBServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[BronzeHarness]:
-    # The password reaches the resource as an EnvVar, resolved from the process environment.
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    h = BronzeHarness(
-        server=mariadb_server, root=tmp_path, reader="auto" if request.param == "arrow" else "rows"
-    )
+@pytest.fixture
+def harness(harness: BronzeHarness) -> BronzeHarness:
+    """The shared harness (both readers) with table ``t``."""
+    h = harness
     h.sql(
         f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
             updated_at DATETIME(6) NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
     )
     h.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
-    yield h
-    h.dispose()
+    return h
 
 
 def _insert(h: BronzeHarness, *ids: int) -> None:

@@ -496,6 +496,20 @@ def test_a_window_without_lower_bound_scans_the_table_and_a_later_one_reads_the_
         assert access["from a watermark", reader] == "range"
 
 
+def test_a_view_is_extracted_on_its_first_run_and_a_full_refresh(harness: BronzeHarness) -> None:
+    """A view takes no index hint: the whole-table read of a first run stays a plain SELECT."""
+    h = harness
+    _events(h)
+    h.sql(
+        f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', '2024-05-01 10:00:00'), "
+        "('b', '2024-05-02 10:00:00')"
+    )
+    h.sql(f"CREATE VIEW {SCHEMA}.events_v AS SELECT * FROM {SCHEMA}.events")
+    h.register(table="events_v", primary_key=["id"], cursor={"column": "updated_at"})
+    assert meta(h.run("events_v"), "dagster/row_count") == 2
+    assert meta(h.run("events_v", config={"mode": "full_refresh"}), "dagster/row_count") == 2
+
+
 def test_session_time_zone_berlin_across_dst(harness: BronzeHarness) -> None:
     """A server whose default time zone is Europe/Berlin: instants still come out in UTC."""
     h = harness

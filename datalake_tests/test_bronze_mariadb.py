@@ -574,6 +574,7 @@ def test_a_scheduled_run_executing_after_midnight_is_its_tick_days_incremental_r
     still that day's incremental run — not a stateless re-read of the whole past day."""
     import dagster as dg
 
+    from datalake.assets.bronze import SCHEDULED_DAY_TAG
     from datalake.definitions import build_definitions
 
     h = harness
@@ -602,6 +603,14 @@ def test_a_scheduled_run_executing_after_midnight_is_its_tick_days_incremental_r
     assert meta(m, "datalake/window_lo") == meta(first, WATERMARK_KEY)
     assert meta(m, "dagster/row_count") == 1  # 'b' only: from the watermark on, not the past day
     assert meta(m, WATERMARK_KEY) == meta(m, "datalake/window_hi")  # the watermark moves
+    # A re-execution of an older scheduled run (tags kept) repairs its day statelessly, as before.
+    old_day = (yesterday - dt.timedelta(days=2)).isoformat()
+    result = defs.resolve_job_def("bronze_job").execute_in_process(
+        partition_key=old_day, instance=h.instance, tags={**request.tags, SCHEDULED_DAY_TAG: old_day}
+    )
+    (event,) = result.get_asset_materialization_events()
+    assert meta(event.materialization, "datalake/window_kind") == "backfill"
+    assert WATERMARK_KEY not in event.materialization.metadata
 
 
 def test_backfill_is_stateless_and_holds_exactly_that_day(harness: BronzeHarness) -> None:

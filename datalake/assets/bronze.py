@@ -107,9 +107,17 @@ def plan_window(
 
 
 def _today(context: dg.AssetExecutionContext, settings: Settings) -> dt.date:
-    """The ingestion date whose run this is incremental for: a scheduled run's tick date, else today."""
+    """The ingestion date whose run this is incremental for: a scheduled run's tick date, else today.
+
+    The tick date counts until the day after it ends: a re-execution of a scheduled run (which
+    keeps its tags) days later is the stateless repair of that day again, not an incremental run
+    filed under it.
+    """
+    today = dt.datetime.now(settings.tz).date()
     scheduled = context.run.tags.get(SCHEDULED_DAY_TAG)
-    return dt.date.fromisoformat(scheduled) if scheduled else dt.datetime.now(settings.tz).date()
+    if scheduled and dt.timedelta(0) <= today - dt.date.fromisoformat(scheduled) <= dt.timedelta(days=1):
+        return dt.date.fromisoformat(scheduled)
+    return today
 
 
 def _needed_date_guards(instance: dg.DagsterInstance, key: dg.AssetKey) -> bool:

@@ -25,7 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalake.settings import default_duckdb_spill_directory
-from datalake.storage import SPLIT_AZURE_BLOCK_SIZE, AtomicGroup, LakeStorage, ProtocolAlias, safe_segment
+from datalake.storage import (
+    AZURE_BLOCK_SIZE,
+    SPLIT_AZURE_BLOCK_SIZE,
+    AtomicGroup,
+    LakeStorage,
+    ProtocolAlias,
+    safe_segment,
+)
 
 # polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
 # together they are ~40 MB of a run worker's memory.
@@ -378,7 +385,9 @@ def write_parquet(
     that picks them from the first row group. ``row_group_bytes``: a row group also ends once
     it holds that many bytes of Arrow data. ``group``: visible with the group's other files.
     """
-    with storage.atomic_arrow_writer(relative, group=group) as handle:
+    # A group's files stay open until it publishes: on Azure each holds its unstaged block till then.
+    block = SPLIT_AZURE_BLOCK_SIZE if group is not None else AZURE_BLOCK_SIZE
+    with storage.atomic_arrow_writer(relative, block, group=group) as handle:
         sink = _ParquetSink(
             handle, schema, row_group_size, use_dictionary=use_dictionary, row_group_bytes=row_group_bytes
         )

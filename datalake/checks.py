@@ -94,6 +94,10 @@ def bronze_checks(specs: Sequence[TableSpec], pool: str) -> list[dg.AssetChecksD
     return checks
 
 
+# How many of a partition's newest materializations a check looks through for its own run's.
+RECENT_RUNS = 10
+
+
 def _reconciliation_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinition:
     key = dg.AssetKey(["bronze", spec.asset_name])
     cursor = spec.cursor
@@ -150,24 +154,18 @@ def _checked_materialization(
     checks run alone, a re-execution) the latest of the partition being checked. Not the asset's
     latest of *any* partition: a backfill of another day, or a concurrent run, may have landed since.
     """
-    partitions = [context.partition_key] if context.has_partition_key else None
     instance = context.instance
-    own = [
-        record.asset_materialization
-        for record in instance.get_records_for_run(
-            context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
-        ).records
-        if record.asset_key == key and (partitions is None or record.partition_key in partitions)
-    ]
-    if own:
-        return own[-1]  # ascending: the run's last
-    if partitions is None:
+    if not context.has_partition_key:
         event = instance.get_latest_materialization_event(key)
         return event.asset_materialization if event else None
+    # The newest few of the partition: this run's is among them unless that many runs of the same
+    # partition landed after it.
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]), limit=RECENT_RUNS
     ).records
-    return records[0].asset_materialization if records else None
+    own = [r for r in records if r.run_id == context.run.run_id]
+    chosen = own[0] if own else (records[0] if records else None)
+    return chosen.asset_materialization if chosen else None
 
 
 def _window_rows(meta: Mapping[str, Any]) -> int:

@@ -2,10 +2,10 @@
 
 No watermark sees a deleted row. On demand (run config ``reconcile_deletes: true``) or on the
 ``bronze_delete_reconciliation`` schedule, the bronze run — after its window — streams the
-source's primary keys (keys only) and anti-joins them with the keys the lake holds — its earlier
-files and this run's window — (latest version per key, not already deleted). Each missing key gets a tombstone row in the
-same bronze file: its key columns, its latest cursor value, ``_datalake_deleted = true`` and the
-run's lineage; other columns NULL. Current-state silver drops keys whose latest version is a
+source's primary keys (keys only) and anti-joins them with the keys the lake holds, in its
+earlier files and this run's window (latest version per key, not already deleted). Each missing
+key gets a tombstone row in the same bronze file: its key columns, its latest cursor value,
+``_datalake_deleted = true`` and the run's lineage; other columns NULL. Current-state silver drops keys whose latest version is a
 tombstone; bronze keeps the whole history. A re-inserted key comes back with a newer cursor and
 wins over its tombstone.
 """

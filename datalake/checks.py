@@ -121,7 +121,9 @@ def _reconciliation_check(spec: TableSpec, pool: str) -> dg.AssetChecksDefinitio
         lo, hi = (str(meta.get(f"datalake/window_{b}", "")) for b in ("lo", "hi"))
         window_column = sa.column(column or cursor.column)
         table = sa.table(spec.table, window_column, schema=spec.source_schema)
-        where = []
+        # Over the cursor, NULL and zero-date rows lie outside every window: bronze does not count
+        # them as window rows (a first run's `cursor < hi` matches a zero date), so neither does this.
+        where = [] if kind == "backfill" else [sa.not_(outside_every_window(window_column, cursor.kind))]
         if lo:
             where.append(window_column >= utc_naive(decode_watermark(lo, bound_kind)))
         if hi:

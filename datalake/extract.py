@@ -351,6 +351,12 @@ class Extraction:
         self.batches = self.reopen(True)
 
     @property
+    def over_cursor(self) -> bool:
+        """Whether the window's bounds are over the cursor (not a backfill over the date column)."""
+        cursor = self.spec.cursor
+        return cursor is not None and (self.window.column or cursor.column) == cursor.column
+
+    @property
     def watermark(self) -> Any:
         """The watermark this extraction commits (None: it commits none)."""
         if not self.window.commits_watermark:
@@ -379,9 +385,10 @@ class Extraction:
             "datalake/passes": stats.passes,
             "datalake/zero_dates_nulled": stats.zero_dates,
             "datalake/null_cursor_rows": stats.null_cursor_rows,
-            # The rows read from the window's bounds: no NULL-cursor rows (re-read every run, outside
-            # every window) and no delete tombstones (``dagster/row_count`` counts both).
-            "datalake/window_rows": stats.rows - stats.null_cursor_rows,
+            # The rows read from the window's bounds: no delete tombstones (``dagster/row_count``
+            # counts them), and over the cursor no NULL-cursor rows (NULL and zero dates, outside
+            # every cursor window); a backfill over a separate date column holds those by date.
+            "datalake/window_rows": stats.rows - (stats.null_cursor_rows if self.over_cursor else 0),
             "datalake/batches": stats.batches,
             "datalake/fetch_rows": self.fetch_rows,
             "datalake/spilled_batches": stats.spilled_batches,

@@ -123,3 +123,57 @@ def test_materialization_without_window_rows_discounts_tombstones(harness: Bronz
     evaluation = _check(h, partition=today)
     assert not evaluation.passed
     assert evaluation.metadata["bronze_rows"].value == 1
+
+
+def _check_of(h: BronzeHarness, table: str, partition: str) -> dg.AssetCheckEvaluation:
+    key = dg.AssetCheckKey(dg.AssetKey(["bronze", table]), CHECK)
+    return run_checks(build_definitions(h.settings()), {key}, h.instance, partition=partition)[
+        (f"bronze/{table}", CHECK)
+    ]
+
+
+def test_backfill_over_the_date_column_counts_rows_whose_cursor_is_null(harness: BronzeHarness) -> None:
+    """A day's backfill reads by ``date_column``: a row never updated (NULL cursor) is in that day."""
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.orders (id INT PRIMARY KEY, created_at DATETIME(6) NOT NULL,
+            updated_at DATETIME(6) NULL)"""
+    )
+    h.sql(
+        f"INSERT INTO {SCHEMA}.orders VALUES (1, '2024-05-02 10:00', NULL), "
+        "(2, '2024-05-02 11:00', '2024-05-02 12:00'), (3, '2024-05-02 12:00', NULL), "
+        "(4, '2024-05-03 12:00', NULL)"
+    )
+    h.register(table="orders", primary_key=["id"], cursor={"column": "updated_at"}, date_column="created_at")
+    m = h.run("orders", partition="2024-05-02", tags={"dagster/backfill": "b1"})
+    assert meta(m, "datalake/window_kind") == "backfill"
+    assert meta(m, "datalake/null_cursor_rows") == 2
+    assert meta(m, "datalake/window_rows") == 3
+    assert _check_of(h, "orders", "2024-05-02").passed
+
+    h.sql(f"INSERT INTO {SCHEMA}.orders VALUES (5, '2024-05-02 13:00', NULL)")  # landed after the backfill
+    evaluation = _check_of(h, "orders", "2024-05-02")
+    assert not evaluation.passed
+    assert evaluation.metadata["bronze_rows"].value == 3
+    assert evaluation.metadata["source_rows_now"].value == 4
+
+
+def test_zero_date_cursors_lie_outside_a_first_runs_window(harness: BronzeHarness) -> None:
+    """A first run's ``cursor < hi`` matches MySQL's zero date; bronze holds it as a NULL cursor."""
+    h = harness
+    h.sql(f"CREATE TABLE {SCHEMA}.legacy (id INT PRIMARY KEY, updated_at DATETIME NULL)")
+    with h.admin.connect() as conn:
+        conn.exec_driver_sql("SET SESSION sql_mode = ''")  # a legacy server that stores zero dates
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.legacy VALUES (1, '2024-05-01 10:00'), (2, '0000-00-00 00:00:00'), (3, NULL)"
+        )
+        conn.commit()
+    h.register(table="legacy", primary_key=["id"], cursor={"column": "updated_at"})
+    today = dt.datetime.now(h.settings().tz).date().isoformat()
+    m = h.run("legacy", partition=today)
+    assert meta(m, "dagster/row_count") == 3
+    assert meta(m, "datalake/zero_dates_nulled") == 1
+    assert meta(m, "datalake/window_rows") == 1
+    evaluation = _check_of(h, "legacy", today)
+    assert evaluation.passed, evaluation.metadata
+    assert evaluation.metadata["source_rows_now"].value == 1

@@ -81,6 +81,10 @@ class ExtractionError(RuntimeError):
     pass
 
 
+class NotRetryable(ExtractionError):
+    """The registry entry or the run's config disagrees with the source: another attempt cannot help."""
+
+
 class NeedsDateGuards(ExtractionError):
     """The Arrow-native read met a zero date: the window must be read again with date guards."""
 
@@ -99,6 +103,8 @@ class Window:
     column: str | None = None
     lo: Any = None  # inclusive; None = unbounded
     hi: Any = None  # exclusive; None = resolved from the source at read time (incremental)
+    # lo is an operator's set_watermark (not the committed one): it may not lie beyond the source.
+    lo_from_operator: bool = False
 
     @property
     def commits_watermark(self) -> bool:
@@ -161,7 +167,7 @@ def arrow_type(column: sa.Column[Any], where: str) -> pa.DataType:
         ),
     ):
         return pa.binary()
-    raise ExtractionError(f"{where}: unsupported source type {t!r}")
+    raise NotRetryable(f"{where}: unsupported source type {t!r}")
 
 
 def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
@@ -469,17 +475,32 @@ def reflect(conn: sa.Connection, spec: TableSpec) -> sa.Table:
     try:
         table = sa.Table(spec.table, sa.MetaData(), schema=spec.source_schema, autoload_with=conn)
     except sqlalchemy.exc.NoSuchTableError:
-        raise ExtractionError(f"{spec.qualified_name}: table not found in the source") from None
+        raise NotRetryable(f"{spec.qualified_name}: table not found in the source") from None
     names = set(table.columns.keys())
     for what, cols in (("primary_key", spec.primary_key), ("exclude_columns", spec.exclude_columns)):
         missing = [c for c in cols if c not in names]
         if missing:
-            raise ExtractionError(
-                f"{spec.qualified_name}: {what} column(s) {missing} not in the source table"
+            raise NotRetryable(f"{spec.qualified_name}: {what} column(s) {missing} not in the source table")
+    checks = [("date_column", spec.date_column, CursorKind.TIMESTAMP)]
+    if spec.cursor is not None:
+        checks.insert(0, ("cursor.column", spec.cursor.column, spec.cursor.kind))
+    for field_name, col, kind in checks:
+        if col is None:
+            continue
+        if col not in names:
+            raise NotRetryable(f"{spec.qualified_name}: {field_name} {col!r} not in the source table")
+        type_ = table.c[col].type
+        temporal = isinstance(type_, (sa.DateTime, sa.Date))
+        if not (isinstance(type_, sa.Integer) if kind is CursorKind.INTEGER else temporal):
+            # A timestamp bound compared with an integer column is a number to MySQL ('2026-…' is 2026):
+            # the run would read a few rows and every later window none, without an error.
+            expected = (
+                "an integer column" if kind is CursorKind.INTEGER else "a DATETIME, TIMESTAMP or DATE column"
             )
-    for col in (spec.cursor.column if spec.cursor else None, spec.date_column):
-        if col is not None and col not in names:
-            raise ExtractionError(f"{spec.qualified_name}: column {col!r} not in the source table")
+            what = f"cursor.kind {kind.value!r}" if field_name == "cursor.column" else "date_column"
+            raise NotRetryable(
+                f"{spec.qualified_name}: {field_name} {col!r} is {type_}, but {what} needs {expected}"
+            )
     return table
 
 
@@ -584,7 +605,10 @@ def resolve_bounds(
     if window.kind not in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH) or spec.cursor is None:
         return lo, hi
     dialect = SourceDialect(conn.dialect.name)
-    cap = dialect.now(conn) - lag
+    now = dialect.now(conn)
+    if window.lo_from_operator:
+        _refuse_watermark_beyond(conn, plan, lo, now)
+    cap = now - lag
     oldest = dialect.oldest_open_transaction(conn, log)
     if oldest is not None and oldest < cap:
         log(f"{spec.qualified_name}: hi capped at the oldest open transaction's start {oldest.isoformat()}")
@@ -602,6 +626,23 @@ def resolve_bounds(
         hi = lo if newest is None else max(int(newest) + 1, lo or 0)
     conn.commit()
     return lo, hi
+
+
+def _refuse_watermark_beyond(conn: sa.Connection, plan: Plan, lo: Any, now: dt.datetime) -> None:
+    """An operator's set_watermark beyond the source (a typo: 2204 for 2024) would be committed as
+    the next run's start, and every run after it would read nothing until the source got there."""
+    spec = plan.spec
+    assert spec.cursor is not None
+    if spec.cursor.kind is CursorKind.TIMESTAMP:
+        beyond, limit = lo > now, f"the source's clock ({now.isoformat()} UTC)"
+    else:
+        newest = conn.execute(sa.select(sa.func.max(plan.table.c[spec.cursor.column]))).scalar()
+        beyond, limit = lo > (0 if newest is None else int(newest)) + 1, f"the newest id + 1 ({newest})"
+    if beyond:
+        raise NotRetryable(
+            f"{spec.qualified_name}: set_watermark {lo} is beyond {limit}; committed, it would stop "
+            "ingestion until the source reaches it"
+        )
 
 
 def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Plan:

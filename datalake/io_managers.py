@@ -27,7 +27,7 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from datalake.extract import Extraction, NeedsDateGuards
+from datalake.extract import Extraction, NeedsDateGuards, NotRetryable
 from datalake.lake import (
     DEFAULT_ROW_GROUP_BYTES,
     DEFAULT_ROW_GROUP_SIZE,
@@ -206,12 +206,15 @@ class BronzeIOManager(_LakeRoot):
         table = _asset_name(context.asset_key)
         relative = bronze_file(table, context.partition_key, context.run_id)
         try:
-            written = _write_bronze(storage, relative, context, obj)
-        except NeedsDateGuards as exc:
-            # Nothing of the first attempt is visible (the write was not committed).
-            context.log.warning(str(exc))
-            obj.reread_with_date_guards()
-            written = _write_bronze(storage, relative, context, obj)
+            try:
+                written = _write_bronze(storage, relative, context, obj)
+            except NeedsDateGuards as exc:
+                # Nothing of the first attempt is visible (the write was not committed).
+                context.log.warning(str(exc))
+                obj.reread_with_date_guards()
+                written = _write_bronze(storage, relative, context, obj)
+        except NotRetryable as exc:  # e.g. a set_watermark beyond the source: a retry reads the same
+            raise dg.Failure(str(exc), allow_retries=False) from None
         metadata: dict[str, Any] = {**output_metadata(written), **obj.metadata()}
         if obj.watermark is not None:
             # The commit: recorded only because the file above is durably in place.

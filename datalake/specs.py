@@ -100,6 +100,12 @@ class TableSpec(BaseModel):
             raise ValueError("cursor: a snapshot table has no cursor (mode: snapshot reads it whole)")
         if self.cursor is not None and self.cursor.kind is CursorKind.INTEGER and self.date_column is None:
             raise ValueError("date_column: required for an integer cursor (date-window backfills)")
+        if (
+            self.cursor is not None
+            and self.cursor.kind is CursorKind.INTEGER
+            and self.date_column == self.cursor.column
+        ):
+            raise ValueError("date_column: must be a date/time column, not the integer cursor")
         excluded = set(self.exclude_columns)
         if excluded & set(self.primary_key):
             raise ValueError("exclude_columns: cannot exclude a primary-key column")
@@ -148,8 +154,9 @@ def parse_registry(document: Any, *, origin: str = "registry") -> tuple[TableSpe
     seen: dict[str, str] = {}
     for index, entry in enumerate(entries):
         label = f"tables[{index}]"
-        if isinstance(entry, dict) and "schema" in entry and "table" in entry:
-            label += f" ({entry['schema']}.{entry['table']})"
+        named = {**defaults, **entry} if isinstance(entry, dict) else {}
+        if "schema" in named and "table" in named:  # the schema may come from defaults
+            label += f" ({named['schema']}.{named['table']})"
         if not isinstance(entry, dict):
             errors.append(f"{label}: must be a mapping")
             continue

@@ -30,11 +30,12 @@ def encode_watermark(value: Any) -> str:
     return str(int(value))
 
 
-def decode_watermark(text: str, kind: CursorKind) -> Any:
+def decode_watermark(text: str, kind: CursorKind, *, naive_tz: dt.tzinfo = dt.UTC) -> Any:
+    """A watermark or bound; a timestamp without an offset is in ``naive_tz`` (stored ones have one)."""
     if kind is CursorKind.INTEGER:
         return int(text)
     value = dt.datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return value if value.tzinfo else value.replace(tzinfo=naive_tz)
 
 
 class WatermarkResource(dg.ConfigurableResource):

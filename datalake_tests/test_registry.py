@@ -56,6 +56,11 @@ def test_integer_cursor_table_has_a_date_column() -> None:
             "date_column",
             "required for an integer cursor",
         ),
+        (
+            {**GOOD, "cursor": {"column": "id", "kind": "integer"}, "date_column": "id"},
+            "date_column",
+            "not the integer cursor",
+        ),
         ({**GOOD, "batch_size": 0}, "batch_size", "greater than 0"),
         ({**GOOD, "batch_bytes": -1}, "batch_bytes", "greater than 0"),
         ({**GOOD, "null_cursor": "maybe"}, "null_cursor", "capture"),
@@ -79,6 +84,13 @@ def test_duplicate_entry_is_named() -> None:
     with pytest.raises(RegistryError) as info:
         parse_registry({"tables": [GOOD, {**GOOD, "table": "invoice_archive", "name": "invoice"}]})
     assert "field 'name': duplicate asset name 'invoice'" in str(info.value)
+
+
+def test_an_entry_whose_schema_comes_from_defaults_is_named_by_its_table() -> None:
+    entry = {k: v for k, v in GOOD.items() if k != "schema"} | {"primary_key": []}
+    with pytest.raises(RegistryError) as info:
+        parse_registry({"defaults": {"schema": "v3_billing"}, "tables": [entry]})
+    assert "tables[0] (v3_billing.invoice): field 'primary_key'" in str(info.value)
 
 
 def test_every_bad_entry_is_reported_at_once() -> None:

@@ -10,11 +10,11 @@ Which window a run reads (DESIGN §3.3):
 
 import datetime as dt
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 
-from datalake.extract import DATE_GUARDS_KEY, Extraction, Window, WindowKind, extract
+from datalake.extract import DATE_GUARDS_KEY, Extraction, NotRetryable, Window, WindowKind, extract
 from datalake.settings import Settings
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, TableSpec
@@ -68,8 +68,41 @@ def _day_bounds(partition_key: str, settings: Settings) -> tuple[dt.datetime, dt
     return start.astimezone(dt.UTC), end.astimezone(dt.UTC)
 
 
-def _bound(text: str | None, kind: CursorKind) -> object:
-    return None if text is None else decode_watermark(text, kind)
+class RunConfigError(ValueError):
+    """Run config that cannot mean what the operator asked: names the field; never retried."""
+
+
+def _bound(field: str, text: str | None, kind: CursorKind, settings: Settings) -> Any:
+    """An operator's bound: an integer, or an ISO timestamp (no offset: the lake's time zone,
+    the zone the partitions' days are in)."""
+    if text is None:
+        return None
+    try:
+        return decode_watermark(text, kind, naive_tz=settings.tz)
+    except ValueError:
+        expected = (
+            "an integer"
+            if kind is CursorKind.INTEGER
+            else f"an ISO 8601 timestamp such as 2024-05-01T00:00:00 ({settings.timezone} unless it has an offset)"
+        )
+        raise RunConfigError(f"{field}: {text!r} is not {expected}") from None
+
+
+def _validate(config: BronzeRunConfig, mode: str, *, is_backfill: bool) -> None:
+    """Combinations that would do something other than asked are refused, naming the field."""
+    bounds = config.window_start is not None or config.window_end is not None
+    if bounds and mode != "window":
+        raise RunConfigError(f"window_start/window_end: only with mode 'window' (mode is {config.mode!r})")
+    if config.set_watermark is not None and mode != "incremental":
+        raise RunConfigError(
+            "set_watermark: only for an incremental run (today's partition outside a backfill, "
+            f"or mode 'incremental'); this run reads a {mode} window"
+        )
+    if is_backfill and mode in ("incremental", "full_refresh"):
+        raise RunConfigError(
+            f"mode: {mode!r} commits a watermark, and a backfill's runs read their days statelessly; "
+            "use 'auto' or 'window' in a backfill, or launch the run on its own"
+        )
 
 
 def plan_window(
@@ -84,24 +117,33 @@ def plan_window(
 ) -> Window:
     """The window this run reads. ``committed`` is called only when the watermark is needed."""
     if spec.mode is Mode.SNAPSHOT:
+        asked = [f for f in ("window_start", "window_end", "set_watermark") if getattr(config, f) is not None]
+        if asked or config.mode in ("incremental", "window"):
+            raise RunConfigError(f"{(asked or ['mode'])[0]}: a snapshot table is read whole, every run")
         return Window(WindowKind.SNAPSHOT)
     assert spec.cursor is not None
     kind = spec.cursor.kind
     mode = config.mode
     if mode == "auto":
-        mode = "window" if is_backfill or partition_key != today.isoformat() else "incremental"
+        explicit = config.window_start is not None or config.window_end is not None
+        past = is_backfill or partition_key != today.isoformat()
+        mode = "window" if explicit or past else "incremental"
+    _validate(config, mode, is_backfill=is_backfill)
     if mode == "full_refresh":
         return Window(WindowKind.FULL_REFRESH, column=spec.cursor.column)
     if mode == "incremental":
-        lo = _bound(config.set_watermark, kind) if config.set_watermark is not None else committed()
-        return Window(WindowKind.INCREMENTAL, column=spec.cursor.column, lo=lo)
+        if config.set_watermark is None:
+            return Window(WindowKind.INCREMENTAL, column=spec.cursor.column, lo=committed())
+        lo = _bound("set_watermark", config.set_watermark, kind, settings)
+        return Window(WindowKind.INCREMENTAL, column=spec.cursor.column, lo=lo, lo_from_operator=True)
     if config.window_start is not None or config.window_end is not None:
-        return Window(
-            WindowKind.EXPLICIT,
-            column=spec.cursor.column,
-            lo=_bound(config.window_start, kind),
-            hi=_bound(config.window_end, kind),
-        )
+        lo = _bound("window_start", config.window_start, kind, settings)
+        hi = _bound("window_end", config.window_end, kind, settings)
+        if lo is not None and hi is not None and not lo < hi:
+            raise RunConfigError(
+                f"window_end: {config.window_end!r} is not after window_start {config.window_start!r}"
+            )
+        return Window(WindowKind.EXPLICIT, column=spec.cursor.column, lo=lo, hi=hi)
     lo, hi = _day_bounds(partition_key, settings)
     return Window(WindowKind.BACKFILL, column=spec.window_column, lo=lo, hi=hi)
 
@@ -160,33 +202,39 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
         watermarks: WatermarkResource,
     ) -> Extraction:
         assert spec.cursor is not None or spec.mode is Mode.SNAPSHOT
-        window = plan_window(
-            spec,
-            config,
-            context.partition_key,
-            is_backfill=BACKFILL_TAG in context.run.tags,
-            settings=settings,
-            committed=lambda: watermarks.committed(context.instance, key, spec.cursor.kind),  # type: ignore[union-attr]
-            today=_today(context, settings),
-        )
+        try:
+            window = plan_window(
+                spec,
+                config,
+                context.partition_key,
+                is_backfill=BACKFILL_TAG in context.run.tags,
+                settings=settings,
+                committed=lambda: watermarks.committed(context.instance, key, spec.cursor.kind),  # type: ignore[union-attr]
+                today=_today(context, settings),
+            )
+        except RunConfigError as exc:
+            raise dg.Failure(f"{spec.qualified_name}: run config {exc}", allow_retries=False) from None
         context.log.info(
             f"{spec.qualified_name}: {window.kind.value} window lo={window.lo!s} hi={window.hi or 'source now'} "
             f"from {v3_source.describe()}"
         )
-        return extract(
-            v3_source.engine(),
-            spec,
-            window,
-            run_id=context.run.run_id,
-            batch_size=batch_size,
-            batch_bytes=batch_bytes,
-            lag=dt.timedelta(seconds=settings.extract_lag_seconds),
-            log=context.log.info,
-            source=v3_source.describe(),
-            arrow_url=v3_source.arrow_url if v3_source.reads_arrow else None,
-            reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,
-            date_guards=_needed_date_guards(context.instance, key),
-        )
+        try:
+            return extract(
+                v3_source.engine(),
+                spec,
+                window,
+                run_id=context.run.run_id,
+                batch_size=batch_size,
+                batch_bytes=batch_bytes,
+                lag=dt.timedelta(seconds=settings.extract_lag_seconds),
+                log=context.log.info,
+                source=v3_source.describe(),
+                arrow_url=v3_source.arrow_url if v3_source.reads_arrow else None,
+                reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,
+                date_guards=_needed_date_guards(context.instance, key),
+            )
+        except NotRetryable as exc:  # the registry disagrees with the source: a retry reads the same
+            raise dg.Failure(str(exc), allow_retries=False) from None
 
     return _bronze
 

@@ -132,7 +132,16 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates:
     The bounds are values this code computed (datetimes, integers), rendered by SQLAlchemy's
     own literal processors for the dialect; identifiers are quoted by the dialect's preparer.
     """
-    quote = dialect.identifier_preparer.quote
+    preparer = dialect.identifier_preparer
+    # PyMySQL's format paramstyle makes the compiler double every % of the statement (identifiers,
+    # literals, literal text) for the driver to undo; connectorx sends the text as it is, so it is
+    # undone below. Names quoted here go into literal text, which the compiler doubles in turn.
+    percents = preparer._double_percents
+
+    def quote(name: str) -> str:
+        quoted = preparer.quote(name)
+        return quoted.replace("%%", "%") if percents else quoted
+
     columns = [
         sa.literal_column(
             _select_sql(c, quote(c.name), plan.schema.field(c.name).type, guard_dates=guard_dates)
@@ -144,6 +153,8 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates:
         count = " + ".join(f"IFNULL({_zero_date(d)}, 0)" for d in dates)
         columns.append(sa.literal_column(f"CAST({count} AS SIGNED)").label(ZERO_DATES_COLUMN))
     sql = str(plan.select(columns, lo, hi).compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    if percents:
+        sql = sql.replace("%%", "%")
     server = getattr(dialect, "server_version_info", None) or ()
     if getattr(dialect, "is_mariadb", False):
         return f"SET STATEMENT time_zone = '+00:00' FOR {sql}"

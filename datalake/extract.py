@@ -476,6 +476,14 @@ def reflect(conn: sa.Connection, spec: TableSpec) -> sa.Table:
         table = sa.Table(spec.table, sa.MetaData(), schema=spec.source_schema, autoload_with=conn)
     except sqlalchemy.exc.NoSuchTableError:
         raise NotRetryable(f"{spec.qualified_name}: table not found in the source") from None
+    if any("``" in c.name for c in table.columns):
+        # MySQL's reflection (SHOW CREATE TABLE) leaves a backtick in a column's name doubled, as it
+        # is quoted there; the preparer would double it again and the column would not be found.
+        columns = [
+            sa.Column(c.name.replace("``", "`"), c.type, nullable=c.nullable, primary_key=c.primary_key)
+            for c in table.columns
+        ]
+        table = sa.Table(spec.table, sa.MetaData(), *columns, schema=spec.source_schema)
     names = set(table.columns.keys())
     for what, cols in (("primary_key", spec.primary_key), ("exclude_columns", spec.exclude_columns)):
         missing = [c for c in cols if c not in names]

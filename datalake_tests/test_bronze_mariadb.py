@@ -510,6 +510,31 @@ def test_a_view_is_extracted_on_its_first_run_and_a_full_refresh(harness: Bronze
     assert meta(h.run("events_v", config={"mode": "full_refresh"}), "dagster/row_count") == 2
 
 
+def test_identifiers_that_need_quoting_are_read_by_both_readers(harness: BronzeHarness) -> None:
+    """Reserved words, mixed case, spaces, ``%`` (doubled for PyMySQL's paramstyle, not for
+    connectorx) and a backtick (doubled by MySQL's reflection) in column names."""
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.`order` (`key` INT PRIMARY KEY, `Unit Price` DECIMAL(10, 2),
+            `vat%` DECIMAL(5, 2), `a%%b` VARCHAR(8), `x``y` VARCHAR(8), `select` DATETIME(6) NULL)"""
+    )
+    h.sql(
+        f"INSERT INTO {SCHEMA}.`order` VALUES (1, 9.99, 19.00, 'p', 'q', '2024-05-01'), "
+        "(2, 5.00, 7.00, 'r', NULL, '2024-05-02')"
+    )
+    h.register(table="order", primary_key=["key"], cursor={"column": "select"})
+    m = h.run("order")
+    rows = h.read(m).select(["key", "Unit Price", "vat%", "a%%b", "x`y"]).to_pylist()
+    assert sorted(rows, key=lambda r: r["key"]) == [
+        {"key": 1, "Unit Price": Decimal("9.99"), "vat%": Decimal("19.00"), "a%%b": "p", "x`y": "q"},
+        {"key": 2, "Unit Price": Decimal("5.00"), "vat%": Decimal("7.00"), "a%%b": "r", "x`y": None},
+    ]
+    # The window bounds and the delete reconciliation quote them too.
+    h.sql(f"DELETE FROM {SCHEMA}.`order` WHERE `key` = 2")
+    again = h.run("order", config={"reconcile_deletes": True})
+    assert meta(again, "datalake/deletes_found") == 1
+
+
 def test_session_time_zone_berlin_across_dst(harness: BronzeHarness) -> None:
     """A server whose default time zone is Europe/Berlin: instants still come out in UTC."""
     h = harness

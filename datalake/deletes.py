@@ -5,9 +5,10 @@ No watermark sees a deleted row. On demand (run config ``reconcile_deletes: true
 source's primary keys (keys only) and anti-joins them with the keys the lake holds, in its
 earlier files and this run's window (latest version per key, not already deleted). Each missing
 key gets a tombstone row in the same bronze file: its key columns, its latest cursor value,
-``_datalake_deleted = true`` and the run's lineage; other columns NULL. Current-state silver drops keys whose latest version is a
-tombstone; bronze keeps the whole history. A re-inserted key comes back with a newer cursor and
-wins over its tombstone.
+``_datalake_deleted = true`` and the run's lineage; other columns NULL. Current-state silver counts
+only the versions of a key extracted after its latest tombstone (``current_versions_sql``): a key
+re-inserted after its delete is current again, even with an older cursor. Bronze keeps the whole
+history.
 """
 
 from __future__ import annotations
@@ -38,10 +39,40 @@ from datalake.extract import (
     sweep_stale_spills,
 )
 from datalake.lake import ParquetPaths
+from datalake.specs import TableSpec
 
 
-def _q(identifier: str) -> str:
+def quote(identifier: str) -> str:
+    """A DuckDB identifier (names come from the registry and the source, validated and quoted)."""
     return '"' + identifier.replace('"', '""') + '"'
+
+
+# The order a key's versions were observed in: by run (extraction time), then within its file.
+_OBSERVED = f"{{'at': {quote(EXTRACTED_AT_COLUMN)}, 'seq': {quote(ROW_SEQ_COLUMN)}}}"
+
+
+def current_versions_sql(versions: str, spec: TableSpec, columns: str, *, tombstones: bool) -> str:
+    """DuckDB SQL for the current version of each live key among bronze ``versions``, as ``columns``.
+
+    ``versions`` names a view with the bronze columns, the lineage and a boolean ``__deleted``. A
+    key's versions rank by cursor (NULLs last), then by extraction: a backfill re-reads old versions
+    later, so extraction order alone is not the order of updates. A tombstone says the key was gone
+    from the source when it was written, so only versions observed after the key's latest tombstone
+    count: a key re-inserted after its delete is live again, even with an older cursor (a row
+    restored from a backup, read by a full refresh); a key with none stays deleted.
+    """
+    keys = ", ".join(quote(k) for k in spec.primary_key)
+    order = [f"{quote(spec.cursor.column)} DESC NULLS LAST"] if spec.cursor is not None else []
+    order += [f"{quote(EXTRACTED_AT_COLUMN)} DESC", f"{quote(ROW_SEQ_COLUMN)} DESC"]
+    latest = f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {', '.join(order)}) = 1"
+    if not tombstones:
+        return f"SELECT {columns} FROM {versions} WHERE NOT __deleted {latest}"  # noqa: S608
+    return (
+        f"WITH __gone AS (SELECT {keys}, max({_OBSERVED}) AS __gone_at FROM {versions} "  # noqa: S608
+        f"WHERE __deleted GROUP BY ALL) "
+        f"SELECT {columns} FROM {versions} LEFT JOIN __gone USING ({keys}) "
+        f"WHERE NOT __deleted AND (__gone_at IS NULL OR {_OBSERVED} > __gone_at) {latest}"
+    )
 
 
 def source_keys(engine: sa.Engine, extraction: Extraction, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -118,13 +149,12 @@ class Reconciler:
         import duckdb
 
         con = duckdb.connect()
-        keys = [_q(k) for k in spec.primary_key]
-        cursor = _q(spec.cursor.column) if spec.cursor else None
-        order = [f"{cursor} DESC NULLS LAST"] if cursor else []
-        order += [f"{_q(EXTRACTED_AT_COLUMN)} DESC", f"{_q(ROW_SEQ_COLUMN)} DESC"]
-        columns = ", ".join(_q(c) for c in self._columns())
+        keys = [quote(k) for k in spec.primary_key]
+        cursor = quote(spec.cursor.column) if spec.cursor else None
+        columns = ", ".join(quote(c) for c in self._columns())
         earlier = existing.relation(con)
-        deleted = f"coalesce({_q(DELETED_COLUMN)}, false)" if DELETED_COLUMN in earlier.columns else "false"
+        tombstones = DELETED_COLUMN in earlier.columns
+        deleted = f"coalesce({quote(DELETED_COLUMN)}, false)" if tombstones else "false"
         earlier.create_view("earlier")
         # identifiers only (validated by the registry, quoted); the one path is this process's own
         lake = f"SELECT {columns}, {deleted} AS __deleted FROM earlier"  # noqa: S608
@@ -137,18 +167,19 @@ class Reconciler:
             source_keys(self.engine, extraction, self.batch_size),
         )
         con.register("source_keys", reader)
+        # A tombstone is observed when the key scan starts: a version another run extracts after
+        # that outranks it (see current_versions_sql). Should the key come back during the scan,
+        # that errs to live, which the next reconciliation corrects; the other way would not heal.
+        now = dt.datetime.now(dt.UTC)
+        live = current_versions_sql("lake", spec, columns, tombstones=tombstones)
         con.execute(
-            f"CREATE TEMP TABLE gone AS SELECT {', '.join(keys)}{', ' + cursor if cursor else ''} FROM ("  # noqa: S608
-            f"  SELECT * FROM lake"
-            f"  QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY {', '.join(order)}) = 1"
-            f") latest WHERE NOT __deleted AND ({', '.join(keys)}) NOT IN "
-            f"(SELECT ({', '.join(keys)}) FROM source_keys)"
+            f"CREATE TEMP TABLE gone AS SELECT {', '.join(keys)}{', ' + cursor if cursor else ''} "  # noqa: S608
+            f"FROM ({live}) WHERE ({', '.join(keys)}) NOT IN (SELECT ({', '.join(keys)}) FROM source_keys)"
         )
         # fetchall: duckdb 2 keeps a result open after fetchone(), which blocks the next query.
         extraction.stats.deletes = int(con.execute("SELECT count(*) FROM gone").fetchall()[0][0])
         if not extraction.stats.deletes:
             return
-        now = dt.datetime.now(dt.UTC)
         seq = first_seq
         for batch in con.sql("SELECT * FROM gone").to_arrow_reader(self.batch_size):
             yield _tombstone_batch(schema, batch, extraction, now, seq)

@@ -75,3 +75,32 @@ def test_keys_of_the_runs_own_window_deleted_before_its_key_scan_are_dropped_at_
     assert not [
         n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"{SPILL_PREFIX}{os.getpid()}-keys-")
     ]
+
+
+def test_a_key_restored_after_its_delete_is_current_again_and_its_next_delete_is_found(
+    harness: BronzeHarness,
+) -> None:
+    """A row deleted, then restored from a backup with its older ``updated_at``: the full refresh
+    that reads it again brings it back, though its tombstone carries a later cursor."""
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
+        updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
+    )
+    h.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
+    h.sql(f"INSERT INTO {SCHEMA}.t VALUES (1, 'backup', '2024-05-01 09:00'), (2, 'b', '2024-05-01 09:00')")
+    h.sql(f"UPDATE {SCHEMA}.t SET v = 'a2' WHERE id = 1")  # a newer version, then the delete
+    h.run("t")
+    h.sql(f"DELETE FROM {SCHEMA}.t WHERE id = 1")
+    assert meta(h.run("t", config=RECONCILE), "datalake/deletes_found") == 1
+    assert _current_ids(h) == [2]
+
+    h.sql(f"INSERT INTO {SCHEMA}.t VALUES (1, 'restored', '2024-05-01 09:00')")  # from the backup
+    full = h.run("t", config={"mode": "full_refresh"})
+    assert meta(full, "dagster/row_count") == 2
+    assert _current_ids(h) == [1, 2]
+    # Nothing to reconcile while it is there; its next delete gets a tombstone of its own.
+    assert meta(h.run("t", config=RECONCILE), "datalake/deletes_found") == 0
+    h.sql(f"DELETE FROM {SCHEMA}.t WHERE id = 1")
+    assert meta(h.run("t", config=RECONCILE), "datalake/deletes_found") == 1
+    assert _current_ids(h) == [2]

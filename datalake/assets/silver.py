@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from datalake.extract import DELETED_COLUMN, EXTRACTED_AT_COLUMN, LINEAGE_COLUMNS, ROW_SEQ_COLUMN
+from datalake.deletes import current_versions_sql, quote
+from datalake.extract import DELETED_COLUMN, LINEAGE_COLUMNS
 from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths, Relation
 from datalake.settings import SILVER, Settings
 from datalake.specs import Mode, TableSpec
@@ -53,29 +54,18 @@ def lake_today(settings: Settings) -> dt.date:
     return dt.datetime.now(settings.tz).date()
 
 
-def quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 def current_state(relation: Relation, spec: TableSpec) -> Relation:
-    """Latest version per primary key (highest cursor, then latest extraction, then row order),
-    minus keys whose latest version is a delete tombstone; lineage columns dropped."""
-    order: list[str] = []
-    if spec.cursor is not None:
-        order.append(f"{quote(spec.cursor.column)} DESC NULLS LAST")
-    order += [f"{quote(EXTRACTED_AT_COLUMN)} DESC", f"{quote(ROW_SEQ_COLUMN)} DESC"]
-    keys = ", ".join(quote(k) for k in spec.primary_key)
+    """Latest version per primary key (highest cursor, then latest extraction, then row order) of the
+    keys live after their latest delete tombstone (see ``current_versions_sql``); lineage dropped."""
     columns = relation.columns
-    deleted = f"coalesce({quote(DELETED_COLUMN)}, false)" if DELETED_COLUMN in columns else "false"
+    tombstones = DELETED_COLUMN in columns
+    deleted = f"coalesce({quote(DELETED_COLUMN)}, false)" if tombstones else "false"
     keep = ", ".join(quote(c) for c in columns if c not in LINEAGE_COLUMNS)
     # identifiers only (validated by the registry, quoted here); no values
-    ranked = relation.query(
-        "versions",
-        f"SELECT {keep} FROM (SELECT *, {deleted} AS __deleted FROM versions "  # noqa: S608
-        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {', '.join(order)}) = 1) "
-        "WHERE NOT __deleted",
-    )
-    assert ranked is not None  # a SELECT always yields a relation
+    versions = relation.query("bronze", f"SELECT *, {deleted} AS __deleted FROM bronze")  # noqa: S608
+    assert versions is not None  # a SELECT always yields a relation
+    ranked = versions.query("versions", current_versions_sql("versions", spec, keep, tombstones=tombstones))
+    assert ranked is not None
     return ranked
 
 

@@ -336,7 +336,22 @@ def _paths(
         row_bytes=row_bytes,
     )
     STEP_INPUT_WIDTHS.record(context, paths)
+    for name, what in duckdb_stand_ins(schema):
+        context.log.warning(f"{context.asset_key.to_user_string()}: column {name!r} {what}")
     return paths
+
+
+def duckdb_stand_ins(schema: pa.Schema) -> list[tuple[str, str]]:
+    """Columns DuckDB cannot read as they are typed, and what it reads them as."""
+    found = []
+    for f in schema:
+        if pa.types.is_decimal(f.type) and f.type.precision > 38:
+            found.append(
+                (f.name, f"is {f.type}: DuckDB reads decimals of more than 38 digits as DOUBLE (approximate)")
+            )
+        elif pa.types.is_duration(f.type):
+            found.append((f.name, f"is {f.type} (a MySQL TIME): DuckDB reads it as BIGINT {f.type.unit}"))
+    return found
 
 
 class _StepInputWidths:

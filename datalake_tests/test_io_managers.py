@@ -7,6 +7,7 @@ input annotations are Dagster's own.
 
 import datetime as dt
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -606,6 +607,49 @@ def test_path_input_finds_an_upstream_by_its_io_manager_key_not_its_key_prefix(t
             "total"
         ].to_list() == [6]
         (tmp_path / "silver" / "usage_total" / "usage_total.parquet").unlink()
+
+
+def test_path_input_warns_of_columns_duckdb_reads_as_a_stand_in(tmp_path: Path) -> None:
+    """DECIMAL beyond 38 digits and TIME (duration) cannot be DuckDB's types: the step says so."""
+    roots = {"silver_io_manager": str(tmp_path / "silver")}
+    exact = Decimal("12345678901234567890.123456789012345678")
+
+    @dg.asset(key=["silver", "ledger"], io_manager_key="silver_io_manager")
+    def ledger() -> pa.Table:
+        return pa.table(
+            {
+                "id": [1],
+                "balance": pa.array([exact], pa.decimal256(65, 30)),
+                "opens": pa.array([30_600_000_000], pa.duration("us")),
+            }
+        )
+
+    @dg.asset(ins={"upstream": dg.AssetIn(key=ledger.key, input_manager_key="duckdb_path_input_manager")})
+    def reader(upstream: ParquetPaths, duckdb_resource: DuckDBResource) -> None:
+        relation = upstream.relation(duckdb_resource.connect())
+        types = dict(zip(relation.columns, map(str, relation.types), strict=True))
+        assert types == {"id": "BIGINT", "balance": "DOUBLE", "opens": "BIGINT"}
+
+    resources = {
+        "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"]),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([ledger, reader], resources=resources, instance=instance)
+    warnings = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.level == logging.WARNING and "DuckDB reads" in e.user_message
+    ]
+    assert len(warnings) == 2, warnings
+    assert (
+        "column 'balance' is decimal256(65, 30): DuckDB reads decimals of more than 38 digits as DOUBLE"
+        in (warnings[0] + warnings[1])
+    )
+    assert "column 'opens' is duration[us] (a MySQL TIME): DuckDB reads it as BIGINT us" in (
+        warnings[0] + warnings[1]
+    )
 
 
 @pytest.mark.azurite

@@ -90,7 +90,11 @@ class AzureBlobResource(AzureAccess):
         with self._filesystems_lock:
             if account not in self._scan_filesystems:
                 arrow = self._arrow_filesystem(account) if self.duckdb_reader == "arrow" else None
-                self._scan_filesystems[account] = ArrowReads(arrow) if arrow else self.filesystem(account)
+                key = self.credential.key if isinstance(self.credential, ADLS2Key) else None
+                secrets = (self._sas() or "", key or "")
+                self._scan_filesystems[account] = (
+                    ArrowReads(arrow, secrets) if arrow else self.filesystem(account)
+                )
             return self._scan_filesystems[account]
 
     def _arrow_filesystem(self, account: str) -> Any:

@@ -940,3 +940,71 @@ def test_an_upstream_without_files_is_empty_with_its_exact_nested_schema(tmp_pat
     ).success
     assert seen["files"] == ()
     assert seen["schema"].names == schema.names and seen["schema"].types == schema.types
+
+
+@pytest.fixture
+def own_azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    """An Azurite of this test's own, which it may stop (the session's is shared)."""
+    from datalake_tests.conftest import _serve  # pyright: ignore[reportPrivateUsage]
+    from datalake_tests.services import start_azurite
+
+    yield from _serve(start_azurite, "azurite-own", tmp_path_factory)
+
+
+@pytest.mark.azurite
+def test_a_sas_token_never_reaches_the_event_log_when_storage_fails_mid_step(
+    own_azurite: AzuriteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrow's Azure client names the container URL, SAS and all, in its errors; DuckDB and Dagster
+    would carry that text into the run's failure events (the UI, PostgreSQL)."""
+    from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
+
+    from datalake.definitions import build_resources
+    from datalake.settings import resolve_settings
+
+    server = own_azurite
+    BlobServiceClient.from_connection_string(server.connection_string).create_container("lake")
+    token = generate_container_sas(
+        server.account_name,
+        "lake",
+        account_key=server.account_key,
+        permission=ContainerSasPermissions(read=True, write=True, list=True, create=True, delete=True),
+        expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+    signature = next(p for p in token.split("&") if p.startswith("sig="))[4:]
+    monkeypatch.setenv("DATALAKE_AZURE_SAS_TOKEN", token)
+    root = "abfs://lake@devstoreaccount1.dfs.core.windows.net"
+    settings = resolve_settings(
+        {
+            "DATALAKE_ROOT_BRONZE": f"{root}/bronze",
+            "DATALAKE_ROOT_SILVER": f"{root}/silver",
+            "DATALAKE_ROOT_VANGUARD_WHOLESALE": f"{root}/vw",
+            "DATALAKE_AZURE_SAS_TOKEN": token,
+            "DATALAKE_AZURE_BLOB_ENDPOINT": server.blob_endpoint,
+        }
+    )
+    resources = build_resources(settings)
+
+    @dg.asset(key=["silver", "up"], io_manager_key="silver_io_manager")
+    def up() -> pl.DataFrame:
+        return pl.DataFrame({"x": [1, 2, 3]})
+
+    @dg.asset(
+        key=["silver", "down"],
+        io_manager_key="silver_io_manager",
+        ins={"up": dg.AssetIn(key=up.key, input_manager_key="duckdb_path_input_manager")},
+    )
+    def down(up: ParquetPaths, duckdb_resource: DuckDBResource) -> pl.DataFrame:
+        server.stop()  # the account becomes unreachable after the input was listed
+        return up.relation(duckdb_resource.connect()).pl()
+
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([up, down], resources=resources, selection=[up], instance=instance).success
+    result = dg.materialize(
+        [up, down], resources=resources, selection=[down], instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    logs = [repr(entry) for entry in instance.all_logs(result.run_id)]
+    assert not [text for text in logs if signature in text]
+    failures = [text for text in logs if "STEP_FAILURE" in text]
+    assert failures and "?<redacted>" in failures[0]  # the reader's error, its query redacted

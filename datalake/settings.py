@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parent / "registry.yaml"
 MYSQL_PASSWORD_VAR = "DATALAKE_MYSQL_PASSWORD"
 AZURE_ACCOUNT_KEY_VAR = "DATALAKE_AZURE_ACCOUNT_KEY"
 AZURE_SAS_TOKEN_VAR = "DATALAKE_AZURE_SAS_TOKEN"
+AZURE_BLOB_ENDPOINT_VAR = "DATALAKE_AZURE_BLOB_ENDPOINT"
 AZURE_DUCKDB_READER_VAR = "DATALAKE_AZURE_DUCKDB_READER"
 # How DuckDB reads Azure roots: Arrow's C++ Azure client, or adlfs (the Azure Python SDK).
 DUCKDB_READERS = ("arrow", "adlfs")
@@ -201,6 +203,20 @@ class Settings:
         return ZoneInfo(self.timezone)
 
 
+def _blob_endpoint_problem(endpoint: str | None, default_credential: bool) -> str | None:
+    """Why the blob endpoint cannot be used, or None. Never echoes the value: it may hold a token."""
+    if endpoint is None:
+        return None
+    parsed = urlparse(endpoint)
+    if parsed.query or parsed.fragment:
+        return f"must be a plain URL without a query (a SAS token belongs in {AZURE_SAS_TOKEN_VAR})"
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "must be an http(s) URL with a host, e.g. https://<account>.blob.core.windows.net"
+    if default_credential and parsed.scheme != "https":
+        return "DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL needs an https endpoint (token credentials need TLS)"
+    return None
+
+
 def _root_var(group: str) -> str:
     return f"DATALAKE_ROOT_{group.upper()}"
 
@@ -324,12 +340,16 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     # --- storage ------------------------------------------------------------------
     roots: dict[str, str] = {}
     azure_groups: list[str] = []
+    accountless: list[str] = []
     for group in GROUPS:
         value = require(_root_var(group))
         roots[group] = value or str(REPO_ROOT / "tmp" / "dagster_data" / group)
         try:
-            if _storage_root(roots[group]).is_azure:
+            parsed_root = _storage_root(roots[group])
+            if parsed_root.is_azure:
                 azure_groups.append(group)
+                if parsed_root.account is None:
+                    accountless.append(group)
         except ValueError as exc:
             problems[_root_var(group)] = str(exc)
 
@@ -338,13 +358,22 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         has_sas_token=get(AZURE_SAS_TOKEN_VAR) is not None,
         use_default_credential=(get("DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL") or "false").lower()
         in {"1", "true", "yes"},
-        blob_endpoint=get("DATALAKE_AZURE_BLOB_ENDPOINT"),
+        blob_endpoint=get(AZURE_BLOB_ENDPOINT_VAR),
         duckdb_reader=(get(AZURE_DUCKDB_READER_VAR) or "arrow").lower(),
     )
     if azure.duckdb_reader not in DUCKDB_READERS:
         problems[AZURE_DUCKDB_READER_VAR] = (
             f"must be one of {', '.join(DUCKDB_READERS)}, got {get(AZURE_DUCKDB_READER_VAR)!r}"
         )
+    endpoint_problem = _blob_endpoint_problem(azure.blob_endpoint, azure.use_default_credential)
+    if endpoint_problem:
+        problems[AZURE_BLOB_ENDPOINT_VAR] = endpoint_problem
+    elif accountless and not azure.blob_endpoint:
+        for group in accountless:
+            problems[_root_var(group)] = (
+                "an Azure root without an account needs one: abfs://container@account.dfs.core.windows.net/… "
+                f"(or set {AZURE_BLOB_ENDPOINT_VAR}, whose account it then is)"
+            )
     if azure_groups and not azure.configured:
         problems[AZURE_ACCOUNT_KEY_VAR] = (
             f"root(s) of {', '.join(azure_groups)} are on Azure: set {AZURE_ACCOUNT_KEY_VAR}, "

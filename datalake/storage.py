@@ -292,6 +292,10 @@ def parse_root(url: str) -> StorageRoot:
             f"storage root {shown!r} has a query or fragment: give Azure credentials through the Azure "
             "resource (DATALAKE_AZURE_SAS_TOKEN, ...), not in the URL, which is recorded as dagster/uri"
         )
+    if any(c in url for c in "[]*"):
+        # polars and DuckDB expand glob patterns in the paths they are given: files written under
+        # such a root could not be read back.
+        raise ValueError(f"storage root {url!r} contains a glob character ([, ] or *)")
     if parsed.scheme in _AZURE_SCHEMES:
         container, _, account_host = parsed.netloc.partition("@")
         if not container:

@@ -109,6 +109,9 @@ def test_a_port_out_of_range_is_named() -> None:
         ("file://tmp/lake", "absolute path"),
         ("abfs://lake@acct.dfs.core.windows.net/silver?sv=2024&sig=abc", "query or fragment"),
         ("abfs://acct.dfs.core.windows.net/lake/silver", "is not a container name"),
+        ("/srv/lake [prod]/silver", "glob character"),
+        ("abfs://lake@acct.dfs.core.windows.net/br*", "glob character"),
+        ("abfs://lake/silver", "without an account needs one"),
     ],
 )
 def test_bad_storage_roots_are_named_when_settings_load(root: str, message: str) -> None:
@@ -141,6 +144,40 @@ def test_duckdb_azure_reader_reaches_the_azure_resource(value: str | None, reade
 def test_unknown_environment_is_rejected() -> None:
     with pytest.raises(SettingsError, match="DATALAKE_ENV"):
         resolve_settings({"DATALAKE_ENV": "staging"})
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        # The portal's "Blob service SAS URL": the token must not sit in plain resource config.
+        (
+            {"DATALAKE_AZURE_BLOB_ENDPOINT": "https://acct.blob.core.windows.net/?sv=2024&sig=s3cr3t"},
+            "without a query",
+        ),
+        ({"DATALAKE_AZURE_BLOB_ENDPOINT": "acct.blob.core.windows.net"}, "http(s) URL with a host"),
+        (
+            {
+                "DATALAKE_AZURE_BLOB_ENDPOINT": "http://127.0.0.1:10000/devstoreaccount1",
+                "DATALAKE_AZURE_USE_DEFAULT_CREDENTIAL": "true",
+            },
+            "needs an https endpoint",
+        ),
+    ],
+)
+def test_a_bad_blob_endpoint_is_named_when_settings_load_without_echoing_it(
+    env: dict[str, str], problem: str
+) -> None:
+    base = {"DATALAKE_ROOT_SILVER": "abfs://lake/silver", "DATALAKE_AZURE_SAS_TOKEN": "sv=1&sig=x"}
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(base | env)
+    assert set(info.value.problems) == {"DATALAKE_AZURE_BLOB_ENDPOINT"}
+    assert problem in info.value.problems["DATALAKE_AZURE_BLOB_ENDPOINT"]
+    assert "s3cr3t" not in str(info.value)
+    # With a good endpoint, the account-less root takes the endpoint's account.
+    good = resolve_settings(
+        base | {"DATALAKE_AZURE_BLOB_ENDPOINT": "http://127.0.0.1:10000/devstoreaccount1"}
+    )
+    assert good.root("silver") == "abfs://lake/silver"
 
 
 def test_azure_root_without_credentials_is_rejected() -> None:

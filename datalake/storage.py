@@ -23,6 +23,7 @@ import io
 import os
 import posixpath
 import re
+import socket
 import threading
 import time
 import uuid
@@ -46,9 +47,16 @@ AZURE_BLOCK_SIZE = 8 * 2**20
 # (a year's backfill: 365 x 8 MiB). 1 MiB blocks still allow 48 GiB per file (50,000 blocks).
 SPLIT_AZURE_BLOCK_SIZE = 2**20
 _AZURE_SCHEMES = ("abfs", "abfss", "az")
-# Leftovers of a killed local write are removed by the next write of the same file once this old;
-# younger ones may still belong to a live writer (a zombie attempt of the same run).
-STALE_INPROGRESS_SECONDS = 3600
+# A local temp file is named after its writer (host and PID). The next write into the directory
+# removes leftovers of writers that are gone: at once when the writer ran on this host and its
+# process has ended; when it ran elsewhere (NFS shared by pods), only once untouched this long,
+# since a live writer may keep a file open and idle for hours (a range backfill's partitions).
+STALE_INPROGRESS_SECONDS = 24 * 3600
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+# .<file>.inprogress-<host>-<pid>-<32 hex>
+_OWNED_TEMP = re.compile(
+    rf"{re.escape(INPROGRESS_MARKER)}(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d+)-[0-9a-f]{{32}}$"
+)
 
 
 def is_visible_name(name: str) -> bool:
@@ -468,9 +476,11 @@ class LakeStorage:
         if not self.root.is_azure:
             directory = os.path.dirname(final)
             os.makedirs(directory, exist_ok=True)
-            prefix = f".{os.path.basename(final)}{INPROGRESS_MARKER}"
-            _remove_stale(directory, prefix)
-            temp = os.path.join(directory, f"{prefix}{uuid.uuid4().hex}")
+            _remove_stale(directory)
+            temp = os.path.join(
+                directory,
+                f".{os.path.basename(final)}{INPROGRESS_MARKER}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}",
+            )
 
             def remove() -> None:
                 with contextlib.suppress(FileNotFoundError):
@@ -534,15 +544,34 @@ class AtomicGroup:
             discard()
 
 
-def _remove_stale(directory: str, prefix: str) -> None:
-    # Only temp files of this very file name (same table, partition and run): never another run's.
+def _remove_stale(directory: str) -> None:
+    """Removes the temp files in ``directory`` whose writers are gone (see STALE_INPROGRESS_SECONDS):
+    a killed write's leftover goes with the next write into its directory, whatever file it was."""
     now = time.time()
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            if entry.name.startswith(prefix):
-                with contextlib.suppress(OSError):
-                    if now - entry.stat().st_mtime > STALE_INPROGRESS_SECONDS:
-                        os.remove(entry.path)
+            if not entry.name.startswith(".") or INPROGRESS_MARKER not in entry.name:
+                continue
+            owner = _OWNED_TEMP.search(entry.name)
+            with contextlib.suppress(OSError):
+                if owner and owner["host"] == _HOST:
+                    gone = not _process_alive(int(owner["pid"]))
+                else:  # another host's, or named before writers were
+                    gone = now - entry.stat().st_mtime > STALE_INPROGRESS_SECONDS
+                if gone:
+                    os.remove(entry.path)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_dir(directory: str) -> None:

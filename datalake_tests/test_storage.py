@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -657,3 +659,42 @@ def test_a_range_split_on_azure_holds_small_blocks_per_open_partition(
         )
     )
     assert azure < 20 * 2**20, f"{azure / 2**20:.0f} MiB traced for 15 open partition files on Azure"
+
+
+def test_a_write_removes_temp_files_of_writers_that_are_gone_and_no_others(tmp_path: Path) -> None:
+    """Local/NFS: a killed write's temp file (any file name of the directory: a retry after an OOM
+    is a new run id) goes with the next write; a live writer's, however idle, stays."""
+    from datalake.storage import _HOST  # pyright: ignore[reportPrivateUsage]
+
+    directory = tmp_path / "t" / "ingestion_date=2025-01-01"
+    directory.mkdir(parents=True)
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    two_days_ago = time.time() - 2 * 86400
+
+    def temp(name: str, owner: str, *, old: bool) -> Path:
+        path = directory / f".{name}{INPROGRESS_MARKER}{owner}{uuid.uuid4().hex}"
+        path.write_bytes(b"partial")
+        if old:
+            os.utime(path, (two_days_ago, two_days_ago))
+        return path
+
+    try:
+        kept = [
+            temp("t_run1.parquet", f"{_HOST}-{live.pid}-", old=True),  # a live writer, idle for days
+            temp("t_run2.parquet", "other-host-7-", old=False),  # another pod's, recent: may be live
+        ]
+        removed = [
+            temp("t_run3.parquet", f"{_HOST}-{dead.pid}-", old=False),  # this host, process gone
+            temp("t_run4.parquet", "other-host-8-", old=True),  # another pod's, untouched for a day
+            temp("t_run5.parquet", "", old=True),  # named before writers were (no owner)
+        ]
+        storage = LakeStorage(str(tmp_path))
+        _write(storage, "t/ingestion_date=2025-01-01/t_run6.parquet", _table(3))
+        left = {p.name for p in directory.iterdir()}
+        assert left == {p.name for p in kept} | {"t_run6.parquet"}
+        assert not {p.name for p in removed} & left
+    finally:
+        live.kill()
+        live.wait()

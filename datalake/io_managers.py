@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections.abc
 import itertools
+import posixpath
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -163,10 +164,24 @@ def _shape(frames: Mapping[str, pl.LazyFrame], wanted: _Wanted) -> Any:
 # --- schemas when there are no files --------------------------------------------------
 
 
+def latest_file(storage: LakeStorage, files: Sequence[str]) -> str:
+    """The latest of the listed ``files`` (sorted by name), whose schema is the upstream's now.
+
+    By name, the last partition's; in a bronze ingestion date, though, runs' files sort by run id:
+    of those, the last written (after a column was added, an earlier run's file lacks it).
+    """
+    last = files[-1]
+    if bronze_partition_of(last) is None:
+        return last
+    directory = posixpath.dirname(last)
+    same_day = [f for f in files if posixpath.dirname(f) == directory]
+    return last if len(same_day) == 1 else max(same_day, key=storage.modified)
+
+
 def resolve_schema(storage: LakeStorage, context: dg.InputContext, candidates: Sequence[str]) -> pa.Schema:
     """The upstream's schema: its latest file here, else its recorded/declared column schema."""
     if candidates:
-        return storage.read_schema(candidates[-1])
+        return storage.read_schema(latest_file(storage, candidates))
     metadata_sources: list[Mapping[str, Any]] = []
     try:
         event = context.instance.get_latest_materialization_event(context.asset_key)
@@ -323,7 +338,7 @@ def _paths(
     candidates = files or all_files
     row_bytes = None
     if candidates:
-        schema, footer = storage.read_footer(candidates[-1])
+        schema, footer = storage.read_footer(latest_file(storage, candidates))
         row_bytes = average_row_bytes(footer)
     else:
         schema = resolve_schema(storage, context, candidates)

@@ -393,6 +393,11 @@ class LakeStorage:
     def exists(self, relative: str) -> bool:
         return bool(self.fs.exists(self.path(relative)))
 
+    def modified(self, relative: str) -> float:
+        """When the file was last written, as a POSIX timestamp."""
+        stamp = self.fs.modified(self.path(relative))
+        return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
     def size(self, relative: str) -> int:
         return int(self.fs.size(self.path(relative)) or 0)
 

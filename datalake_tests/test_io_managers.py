@@ -749,6 +749,40 @@ def test_path_inputs_on_one_account_share_its_filesystem(azurite_server: Azurite
     assert len(seen["registered"]) == 1
 
 
+def test_an_empty_input_has_the_schema_of_the_last_written_file_not_the_last_named(
+    lake_root: LakeRoot,
+) -> None:
+    """Within an ingestion date, runs' files sort by run id: the later run (a column added) may
+    sort first. A missing day's empty input must still have the column."""
+    early, late = "ffffffff-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002"
+    _bronze(lake_root, DAYS[1], BronzeRun(batches=[3]), run_id=early)
+    time.sleep(1.1)  # modification times of a second's resolution (some filesystems) still differ
+    _bronze(lake_root, DAYS[1], BronzeRun(batches=[2], first_id=3, with_note=True), run_id=late)
+    seen: dict[str, Any] = {}
+
+    @dg.asset(
+        ins={"events": dg.AssetIn(key=["bronze", "events"], input_manager_key="duckdb_path_input_manager")},
+        partitions_def=DAILY,
+        io_manager_key="silver_io_manager",
+    )
+    def notes(events: ParquetPaths, duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        relation = events.relation(duckdb_resource.connect())
+        seen[events.partition_keys[0] if events.partition_keys else ""] = (
+            len(events.files),
+            relation.columns,
+        )
+        return relation.select("id, note")
+
+    for day in (DAYS[1], DAYS[2]):  # the day with both files, then a day without any
+        assert dg.materialize(
+            [bronze_events, notes], resources=_resources(lake_root), selection=[notes], partition_key=day
+        ).success
+    assert seen == {
+        DAYS[1]: (2, ["id", "ts", "amount", "note"]),
+        DAYS[2]: (0, ["id", "ts", "amount", "note"]),
+    }
+
+
 def test_empty_and_never_materialized_upstreams_give_empty_inputs_with_schema(
     lake_root: LakeRoot, tmp_path: Path
 ) -> None:

@@ -134,7 +134,8 @@ def _failed_once(h: BronzeHarness, table: str, **run: Any) -> str:
 def _events(h: BronzeHarness, **entry: Any) -> None:
     h.sql(
         f"""CREATE TABLE {SCHEMA}.events (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-            payload VARCHAR(16) NOT NULL, updated_at DATETIME(6) NULL)"""
+            payload VARCHAR(16) NOT NULL, updated_at DATETIME(6) NULL,
+            created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"""
     )
     h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', '2024-05-01'), ('b', NOW(6))")
     h.register(table="events", primary_key=["id"], **({"cursor": {"column": "updated_at"}} | entry))
@@ -186,7 +187,7 @@ def test_an_integer_set_watermark_beyond_the_newest_id_is_refused(retrying: Bron
             "cursor.column 'id' is BIGINT, but cursor.kind 'timestamp' needs a DATETIME, TIMESTAMP or DATE column",
         ),
         (
-            {"cursor": {"column": "updated_at", "kind": "integer"}, "date_column": "updated_at"},
+            {"cursor": {"column": "updated_at", "kind": "integer"}, "date_column": "created_at"},
             "cursor.column 'updated_at' is DATETIME, but cursor.kind 'integer' needs an integer column",
         ),
         (

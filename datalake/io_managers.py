@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections.abc
 import itertools
 import posixpath
+import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ def _polars_class(hint: Any, name: str) -> bool:
 
 def _wanted(context: dg.InputContext) -> _Wanted:
     hint = context.dagster_type.typing_type
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X], X | None: as X
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = members[0] if len(members) == 1 else hint
     if typing.get_origin(hint) in (dict, collections.abc.Mapping):
         args = typing.get_args(hint)
         return _Wanted(lazy=len(args) == 2 and _polars_class(args[1], "LazyFrame"), as_dict=True)
@@ -136,7 +140,7 @@ def _scan(storage: LakeStorage, files: Sequence[str]) -> pl.LazyFrame:
     scans = []
     for relative in files:
         source, options = storage.polars_source(relative)
-        scans.append(pl.scan_parquet(source, storage_options=options))
+        scans.append(pl.scan_parquet(source, storage_options=options, glob=False))  # a file, not a pattern
     return scans[0] if len(scans) == 1 else pl.concat(scans, how="diagonal_relaxed")
 
 

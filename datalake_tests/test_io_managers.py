@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import dagster as dg
 import duckdb
@@ -1042,3 +1042,29 @@ def test_a_sas_token_never_reaches_the_event_log_when_storage_fails_mid_step(
     assert not [text for text in logs if signature in text]
     failures = [text for text in logs if "STEP_FAILURE" in text]
     assert failures and "?<redacted>" in failures[0]  # the reader's error, its query redacted
+
+
+def test_an_optional_frame_annotation_loads_that_frame(tmp_path: Path) -> None:
+    """``pl.LazyFrame | None`` (or ``Optional[…]``) is a LazyFrame input, not a collected DataFrame
+    that Dagster's type check then refuses."""
+    resources = {"silver_io_manager": ParquetIOManager(root=str(tmp_path / "silver"))}
+    got: dict[str, Any] = {}
+
+    @dg.asset(key=["silver", "flat"], io_manager_key="silver_io_manager")
+    def flat() -> pl.DataFrame:
+        return pl.DataFrame({"x": [1, 2]})
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def lazy_or_none(flat: pl.LazyFrame | None) -> pl.DataFrame:
+        got["lazy_or_none"] = flat
+        return pl.DataFrame({"n": [1]})
+
+    @dg.asset(io_manager_key="silver_io_manager")
+    def optional_frame(flat: Optional[pl.DataFrame]) -> pl.DataFrame:  # noqa: UP045 - the spelling under test
+        got["optional_frame"] = flat
+        return pl.DataFrame({"n": [1]})
+
+    assert dg.materialize([flat, lazy_or_none, optional_frame], resources=resources).success
+    assert isinstance(got["lazy_or_none"], pl.LazyFrame)
+    assert isinstance(got["optional_frame"], pl.DataFrame)
+    assert got["lazy_or_none"].collect()["x"].to_list() == [1, 2]

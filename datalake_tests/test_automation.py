@@ -71,13 +71,26 @@ def test_partner_sync_sensor_mirrors_the_mapping(tmp_path: Path) -> None:
     defs = build_definitions(settings)
     sensor = next(s for s in defs.sensors or [] if s.name == "vanguard_partner_sync")
     instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(PARTNERS.name or "", ["999999"])  # a partner no longer mapped
-    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
-        result = sensor(context)
-    assert isinstance(result, dg.SensorResult)
-    requests = {type(r).__name__: set(r.partition_keys) for r in result.dynamic_partitions_requests or []}
+    # Partners no longer mapped: one never materialized, one with a usage file; and a key typed
+    # into the UI that is no partner id.
+    instance.add_dynamic_partitions(PARTNERS.name or "", ["999999", "888888", "partner-7"])
+    instance.report_runless_asset_event(dg.AssetMaterialization(USAGE_KEY, partition="888888"))
+
+    def tick() -> dict[str, set[str]]:
+        with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+            result = sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        return {type(r).__name__: set(r.partition_keys) for r in result.dynamic_partitions_requests or []}
+
+    requests = tick()
     assert requests["AddDynamicPartitionsRequest"] == partners
-    assert requests["DeleteDynamicPartitionsRequest"] == {"999999"}
+    # The partner with data keeps its partition (its file stays readable and rebuildable).
+    assert requests["DeleteDynamicPartitionsRequest"] == {"999999", "partner-7"}
+
+    # A mapping that reads empty (a source being reloaded) removes nothing.
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM v3_partner.dealer_partner_mapping")
+    assert tick() == {}
 
 
 @pytest.mark.parametrize(

@@ -87,9 +87,25 @@ def mapped_partners(v3_source: V3SourceResource, mapping: TableSpec) -> set[str]
         return {str(p) for p in conn.execute(sa.select(table.c.partner_id).distinct()).scalars()}
 
 
+def _partner_order(key: str) -> tuple[bool, int, str]:
+    return (not key.isdigit(), int(key) if key.isdigit() else 0, key)
+
+
 def partner_changes(instance: dg.DagsterInstance, wanted: set[str]) -> tuple[list[str], list[str]]:
+    """(partners to add, partition keys to remove) to follow the mapping.
+
+    A partner no longer mapped keeps its partition once it has been materialized: its usage file
+    stays readable and its CDRs billable, and removing the partition would leave the file behind,
+    never refreshed. Removed are only keys that never held data, and keys that are no partner id
+    (one typed into the UI). An empty mapping (a source being reloaded) removes nothing.
+    """
     existing = set(instance.get_dynamic_partitions(PARTNERS.name or ""))
-    return sorted(wanted - existing, key=int), sorted(existing - wanted, key=int)
+    added = sorted(wanted - existing, key=_partner_order)
+    if not wanted:
+        return added, []
+    with_data = instance.get_materialized_partitions(USAGE_KEY)
+    removed = [k for k in existing - wanted if not k.isdigit() or k not in with_data]
+    return added, sorted(removed, key=_partner_order)
 
 
 def build_partner_sync_sensor(specs: Sequence[TableSpec]) -> dg.SensorDefinition | None:
@@ -101,7 +117,8 @@ def build_partner_sync_sensor(specs: Sequence[TableSpec]) -> dg.SensorDefinition
         name="vanguard_partner_sync",
         minimum_interval_seconds=300,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Keeps the `vanguard_partner` partitions equal to the partners of the dealer→partner mapping.",
+        description="Adds a `vanguard_partner` partition for each partner of the dealer→partner mapping; "
+        "removes partitions of unmapped partners that never held data.",
     )
     def vanguard_partner_sync(
         context: dg.SensorEvaluationContext, v3_source: V3SourceResource

@@ -135,3 +135,56 @@ def test_automation_rebuilds_late_days_and_does_not_wait_for_missing_bronze_days
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=silver_cdr, partition="2026-10-25"))
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=partner))
     assert tick(2) == {silver_cdr: [], partner: [], USAGE_KEY: ["1", "2"]}
+
+
+def test_silver_follows_todays_bronze_during_a_bronze_backfill_of_past_days(tmp_path: Path) -> None:
+    """A UI backfill of bronze days (queued for hours) must not hold silver back; today's incremental
+    bronze run in progress does (its file is about to land)."""
+    from dagster._core.execution.api import create_execution_plan
+    from dagster._core.storage.dagster_run import DagsterRunStatus
+
+    from datalake.definitions import BRONZE_JOB
+
+    settings = resolve_settings(lake_env(tmp_path / "lake", {"DATALAKE_PARTITION_START": "2026-01-01"}))
+    defs = build_definitions(settings)
+    graph = defs.resolve_asset_graph()
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(PARTNERS.name or "", ["1", "2"])
+    today = dt.datetime.now(settings.tz).date().isoformat()
+    silver_cdr, partner = dg.AssetKey(["silver", "billing_cdr"]), dg.AssetKey(["silver", "partner_current"])
+    bronze = [k for k in graph.get_all_asset_keys() if k.path[0] == "bronze"]
+    for key in graph.get_all_asset_keys():  # everything materialized once
+        partitions: list[str | None] = [None]
+        if key.path[0] == "bronze" or key == silver_cdr:
+            partitions = [today]
+        elif key == USAGE_KEY:
+            partitions = ["1", "2"]
+        for p in partitions:
+            instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=p))
+    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
+
+    def started_bronze_run(day: str, tags: dict[str, str]) -> str:
+        job = defs.resolve_job_def(BRONZE_JOB)
+        plan = create_execution_plan(job, tags={"dagster/partition": day})
+        run = instance.create_run_for_job(
+            job, execution_plan=plan, tags={"dagster/partition": day, **tags}, status=DagsterRunStatus.STARTED
+        )
+        return run.run_id
+
+    def tick() -> dict[dg.AssetKey, list[str | None]]:
+        nonlocal cursor
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        cursor = result.cursor
+        return {k: sorted(result.get_requested_partitions(k), key=str) for k in (partner, silver_cdr)}
+
+    backfill = started_bronze_run("2026-10-01", {"dagster/backfill": "b1"})
+    for key in bronze:  # an earlier run of today lands while the backfill is in progress ...
+        instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=today))
+    todays = started_bronze_run(today, {})  # ... and the next incremental run has started
+    assert tick() == {partner: [], silver_cdr: []}  # today's run is about to land: wait for it
+    run = instance.get_run_by_id(todays)
+    assert run is not None
+    instance.report_run_failed(run)
+    ticked = tick()  # the backfill of a past day (still in progress) holds nothing back
+    assert ticked[partner] == [None] and today in ticked[silver_cdr]
+    assert instance.get_run_by_id(backfill).status == DagsterRunStatus.STARTED  # type: ignore[union-attr]

@@ -23,15 +23,22 @@ from datalake.settings import SILVER, Settings
 from datalake.specs import Mode, TableSpec
 
 # Silver follows bronze without hand work: each asset runs when its upstream changed. That is
-# Dagster's eager() without its "no upstream partition missing": every bronze day since the
-# partition start is an upstream partition, and days before the first deployment (or one the
-# schedule missed) never appear, so eager() would never run silver. A day without files is an
-# empty input here (DESIGN.md §3.5), not a reason to wait.
+# Dagster's eager() with two of its waits narrowed. "No upstream partition missing": every bronze
+# day since the partition start is an upstream partition, and days before the first deployment (or
+# one the schedule missed) never appear, so eager() would never run silver; a day without files is
+# an empty input here (DESIGN.md §3.5), not a reason to wait. "No upstream partition in progress":
+# a UI backfill of 90 bronze days would hold every silver and Rev-Sci asset back until its last run
+# (a stuck run, for ever); bronze files appear atomically, so only the upstream's latest day (the
+# incremental run about to land) is waited for.
+_LATEST_UPSTREAM_DAY_IN_PROGRESS = dg.AutomationCondition.any_deps_match(
+    dg.AutomationCondition.in_progress() & dg.AutomationCondition.in_latest_time_window()
+).with_label("upstream's latest day in progress")
 FOLLOW_UPSTREAM = (
     dg.AutomationCondition.eager()
     .without(~dg.AutomationCondition.any_deps_missing())
-    .with_label("follow upstream")
-)
+    .without(~dg.AutomationCondition.any_deps_in_progress())
+    & ~_LATEST_UPSTREAM_DAY_IN_PROGRESS
+).with_label("follow upstream")
 
 
 def follow_upstream_days(late_days: int) -> dg.AutomationCondition:

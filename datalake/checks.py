@@ -3,11 +3,12 @@
 - silver: primary key unique and non-null on every model that declares one — *blocking*, so a
   broken silver table never feeds the models and Rev-Sci built on it in the same run;
 - bronze: the checked partition's window reconciled against the source's row count; NULL-cursor rows
-  counted in the source; column-schema changes; freshness of the incremental tables (evaluated
-  by the ``bronze_freshness_checks`` sensor).
+  counted in the source; column-schema changes; freshness of the incremental tables: the age of
+  the last run that committed a watermark (evaluated by the ``bronze_freshness_checks`` sensor).
 """
 
 import datetime as dt
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from datalake.extract import outside_every_window, utc_naive
 from datalake.lake import DuckDBResource, ParquetPaths
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
-from datalake.watermark import decode_watermark
+from datalake.watermark import committed_text, committing_record, decode_watermark
 
 if TYPE_CHECKING:
     import duckdb
@@ -228,12 +229,95 @@ def build_checks(
     ]
     checks += bronze_checks(specs, source_pool)
     checks += dg.build_column_schema_change_checks(assets=list(bronze))
-    incremental = [a for a, s in zip(bronze, specs, strict=True) if s.mode is Mode.INCREMENTAL]
-    fresh = list(dg.build_last_update_freshness_checks(assets=incremental, lower_bound_delta=freshness))
-    sensor = dg.build_sensor_for_freshness_checks(
-        freshness_checks=fresh,
+    incremental = [dg.AssetKey(["bronze", s.asset_name]) for s in specs if s.mode is Mode.INCREMENTAL]
+    fresh = [_freshness_check(key, freshness) for key in incremental]
+    return [*checks, *fresh], [_freshness_sensor(incremental, fresh, freshness)]
+
+
+FRESHNESS_CHECK = "incremental_freshness"
+# A planned evaluation younger than this is taken to be on its way (its run queued or running).
+_PLANNED_GRACE_SECONDS = 3600
+
+
+def freshness_result(
+    instance: dg.DagsterInstance, key: dg.AssetKey, freshness: dt.timedelta
+) -> dg.AssetCheckResult:
+    """Fresh when an incremental run (one that committed a watermark) landed within ``freshness``.
+
+    Dagster's last-update check takes the newest materialization of any partition, so a backfill
+    of a past day (which commits no watermark, and says nothing of today's data) made a stale
+    table pass.
+    """
+    record = committing_record(instance, key)
+    hours = f"{freshness.total_seconds() / 3600:g} h"
+    if record is None:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"No incremental run has landed yet (expected within {hours}).",
+        )
+    age = time.time() - record.timestamp
+    passed = age <= freshness.total_seconds()
+    metadata: dict[str, Any] = {
+        "dagster/last_updated_time": dg.MetadataValue.timestamp(record.timestamp),
+        "datalake/partition": record.partition_key or "",
+        "datalake/watermark": committed_text(record),
+    }
+    if not passed:
+        metadata["dagster/overdue_seconds"] = round(age - freshness.total_seconds())
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"The last incremental run landed {age / 3600:.1f} h ago (expected within {hours}).",
+        metadata=metadata,
+    )
+
+
+def _freshness_check(key: dg.AssetKey, freshness: dt.timedelta) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=key,
+        name=FRESHNESS_CHECK,
+        description=f"An incremental run (one that commits a watermark) landed within "
+        f"{freshness.total_seconds() / 3600:g} h; backfills of past days do not count.",
+    )
+    def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return freshness_result(context.instance, key, freshness)
+
+    return _check
+
+
+def _freshness_sensor(
+    keys: Sequence[dg.AssetKey], checks: Sequence[dg.AssetChecksDefinition], freshness: dt.timedelta
+) -> dg.SensorDefinition:
+    check_keys = [dg.AssetCheckKey(key, FRESHNESS_CHECK) for key in keys]
+
+    @dg.sensor(
         name="bronze_freshness_checks",
+        minimum_interval_seconds=300,
+        asset_selection=dg.AssetSelection.checks(*checks),
         # Explicit: Dagster would leave it stopped, and freshness would never be evaluated.
         default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Evaluates a bronze table's incremental_freshness check when its state changes "
+        "(a fresh table turned stale, or a stale one fresh) or it was never evaluated.",
     )
-    return [*checks, *fresh], [sensor]
+    def bronze_freshness_checks(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        due = [k for k in check_keys if _freshness_due(context.instance, k, freshness)]
+        if not due:
+            return dg.SkipReason("every bronze freshness check is up to date")
+        return dg.RunRequest(asset_check_keys=due)
+
+    return bronze_freshness_checks
+
+
+def _freshness_due(
+    instance: dg.DagsterInstance, check_key: dg.AssetCheckKey, freshness: dt.timedelta
+) -> bool:
+    """Whether the check's last evaluation no longer says what it would say now."""
+    history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=1)
+    last = history[0] if history else None
+    if last is None:
+        return True
+    status = last.status.value  # PLANNED, SUCCEEDED (passed), FAILED (did not pass)
+    if status == "PLANNED":
+        return time.time() - last.create_timestamp > _PLANNED_GRACE_SECONDS
+    return (status == "SUCCEEDED") != freshness_result(instance, check_key.asset_key, freshness).passed

@@ -38,20 +38,33 @@ def decode_watermark(text: str, kind: CursorKind, *, naive_tz: dt.tzinfo = dt.UT
     return value if value.tzinfo else value.replace(tzinfo=naive_tz)
 
 
+def committing_record(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dg.EventLogRecord | None:
+    """The asset's newest materialization that committed a watermark (an incremental run or a full
+    refresh; backfills and explicit windows commit none), or None."""
+    cursor: str | None = None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset_key), limit=_PAGE, cursor=cursor, ascending=False
+        )
+        for record in page.records:
+            materialization = record.asset_materialization
+            entry = materialization.metadata.get(WATERMARK_KEY) if materialization else None
+            if entry is not None and isinstance(entry.value, str):
+                return record
+        if not page.has_more:
+            return None
+        cursor = page.cursor
+
+
+def committed_text(record: dg.EventLogRecord) -> str:
+    materialization = record.asset_materialization
+    assert materialization is not None
+    return str(materialization.metadata[WATERMARK_KEY].value)
+
+
 class WatermarkResource(dg.ConfigurableResource):
     """Reads committed watermarks from the instance's event log (PostgreSQL in production)."""
 
     def committed(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey, kind: CursorKind) -> Any:
-        cursor: str | None = None
-        while True:
-            page = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=asset_key), limit=_PAGE, cursor=cursor, ascending=False
-            )
-            for record in page.records:
-                materialization = record.asset_materialization
-                entry = materialization.metadata.get(WATERMARK_KEY) if materialization else None
-                if entry is not None and isinstance(entry.value, str):
-                    return decode_watermark(entry.value, kind)
-            if not page.has_more:
-                return None
-            cursor = page.cursor
+        record = committing_record(instance, asset_key)
+        return None if record is None else decode_watermark(committed_text(record), kind)

@@ -259,3 +259,39 @@ def test_bronze_freshness_check_passes_when_fresh_and_fails_when_stale(demo, tmp
     stale_defs = defs_with("0.0005")  # 1.8 s
     stale = run_checks(stale_defs, {check}, instance)
     assert not stale[(key.to_user_string(), check.name)].passed
+
+    # A backfill of a past day lands: it commits no watermark and says nothing of today's data.
+    yesterday = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
+    stale_defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={key}, asset_check_selection=set()
+    ).execute_in_process(partition_key=yesterday, instance=instance)
+    after_backfill = run_checks(stale_defs, {check}, instance)[(key.to_user_string(), check.name)]
+    assert not after_backfill.passed
+    assert after_backfill.metadata["datalake/partition"].value == today  # the incremental run's
+
+
+def test_the_freshness_sensor_evaluates_a_check_when_its_state_changes(demo, tmp_path: Path) -> None:
+    _, _engine = demo
+    instance = dg.DagsterInstance.ephemeral()
+    env = {"DATALAKE_DEMO_DIR": str(tmp_path / "demo"), "DATALAKE_BRONZE_FRESHNESS_HOURS": "0.0005"}  # 1.8 s
+    defs = build_definitions(resolve_settings(lake_env(tmp_path / "lake", env)))
+    sensor = next(s for s in defs.sensors or [] if s.name == "bronze_freshness_checks")
+    key = dg.AssetKey(["bronze", "dealer"])
+    check = dg.AssetCheckKey(key, "incremental_freshness")
+
+    def due() -> set[dg.AssetCheckKey]:
+        with dg.build_sensor_context(instance=instance, definitions=defs) as context:
+            result = sensor(context)
+        return set(result.asset_check_keys or []) if isinstance(result, dg.RunRequest) else set()
+
+    assert check in due()  # never evaluated
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    # The table's run evaluates its checks too (fresh): nothing to do until it goes stale.
+    defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={key}).execute_in_process(
+        partition_key=today, instance=instance
+    )
+    assert check not in due()
+    time.sleep(2.5)
+    assert check in due()  # stale now, last evaluated fresh
+    run_checks(defs, {check}, instance)
+    assert check not in due()  # evaluated stale

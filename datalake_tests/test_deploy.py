@@ -541,6 +541,30 @@ def test_missing_production_variables_refuse_to_start(deployed_image: EmulatedIm
         grpc_health_check(image.bin / "dagster", port, env=env)
 
 
+def test_the_image_refuses_local_mode_unless_asked(deployed_image: EmulatedImage, tmp_path: Path) -> None:
+    """An env file made from .env.example says DATALAKE_ENV=local and overrides the image's prod:
+    the entrypoint refuses that (schedules stopped, settings defaulted), unless asked for it."""
+    image = deployed_image
+    example = {k: v for k, v in _env_file((REPO / ".env.example").read_text()).items() if v}
+    env = image_environ(image, {**example, "DAGSTER_HOME": str(dagster_home(image, tmp_path / "home"))})
+    assert env["DATALAKE_ENV"] == "local"
+    entrypoint = [str(image.bin / "python"), "-m", "datalake.preflight"]
+    refused = subprocess.run(
+        [*entrypoint, "true"], env=env, cwd=image.workdir, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0
+    assert "DATALAKE_ENV is 'local'" in refused.stderr and "DATALAKE_ALLOW_LOCAL=1" in refused.stderr
+    allowed = subprocess.run(
+        [*entrypoint, "true"],
+        env={**env, "DATALAKE_ALLOW_LOCAL": "1"},
+        cwd=image.workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert allowed.returncode == 0, allowed.stderr
+
+
 def test_production_instance_on_postgres(
     deployed_image: EmulatedImage,
     dagster_pg: dict[str, str],

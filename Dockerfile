@@ -46,7 +46,8 @@ RUN groupadd --gid 10001 dagster \
 
 COPY --from=build /opt/venv /opt/venv
 # The production instance: PostgreSQL from DAGSTER_PG_* (env: references only; no values here).
-# Owned by root, so the process can write DAGSTER_HOME (step logs) but not its own configuration.
+# Owned by root and read-only to the process, which writes step logs under DAGSTER_HOME (so it
+# could still replace the file: mount it read-only where that matters).
 COPY dagster.yaml /opt/dagster/dagster_home/dagster.yaml
 
 WORKDIR /opt/dagster/app

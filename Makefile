@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-# Persistent, git-ignored local Dagster instance (SQLite) for `make demo` and `make dev`.
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Persistent, git-ignored local Dagster instance (SQLite) for `make demo` and `make dev`: always
+# this one (an exported DAGSTER_HOME of another instance would get its dagster.yaml replaced).
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # Where scripts/install-uv.sh puts uv when the machine has none.
 export PATH := $(HOME)/.local/bin:$(PATH)
 DEV_PORT ?= 3000

@@ -483,6 +483,7 @@ def test_entrypoint_execs_the_command_in_place(image: EmulatedImage, tmp_path: P
         image,
         {
             "DATALAKE_ENV": "local",
+            "DATALAKE_ALLOW_LOCAL": "1",  # the demo source: valid settings without a MySQL
             "DATALAKE_ROOT_BRONZE": str(tmp_path / "bronze"),
             "DATALAKE_ROOT_SILVER": str(tmp_path / "silver"),
             "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(tmp_path / "vw"),

@@ -7,9 +7,11 @@ import os
 import textwrap
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from datalake.definitions import build_definitions
+from datalake.lake import DuckDBResource
 from datalake.settings import GROUPS, REPO_ROOT, Environment, SettingsError, resolve_settings
 from datalake_tests.helpers import PROD_ENV, clean_environ, run_cli
 
@@ -317,3 +319,33 @@ def test_duckdb_spills_under_the_system_temp_directory_by_default() -> None:
         None,
         16,
     )
+
+
+def test_a_steps_first_duckdb_connection_is_prepared_while_the_step_starts(tmp_path: Path) -> None:
+    """The database is created when the resource is set up (in the background); the step's first
+    connect() takes it, with the resource's settings; later ones are new; an unused one is closed."""
+    resource = DuckDBResource(memory_limit="512MiB", threads=1, temp_directory=str(tmp_path / "spill"))
+    seen: dict[str, object] = {}
+
+    @dg.asset
+    def step(duckdb_resource: DuckDBResource) -> None:
+        prepared = duckdb_resource._prepared  # pyright: ignore[reportPrivateUsage]
+        seen["prepared"] = prepared is not None
+        first, second = duckdb_resource.connect(), duckdb_resource.connect()
+        seen["first_is_prepared"] = prepared is not None and first is prepared.result()
+        seen["settings"] = [
+            c.sql("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
+            for c in (first, second)
+        ]
+        seen["distinct"] = first is not second
+
+    assert dg.materialize([step], resources={"duckdb_resource": resource}).success
+    assert seen["prepared"] and seen["first_is_prepared"] and seen["distinct"]
+    assert seen["settings"] == [("512.0 MiB", 1), ("512.0 MiB", 1)]
+
+    with dg.build_resources({"duckdb_resource": resource}) as built:  # set up, never used
+        unused = built.duckdb_resource._prepared  # pyright: ignore[reportPrivateUsage]
+        assert unused is not None
+        connection = unused.result()
+    with pytest.raises(Exception, match=r"(?i)closed"):
+        connection.sql("SELECT 1")

@@ -16,7 +16,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from datalake.extract import outside_every_window, utc_naive
-from datalake.lake import DuckDBResource, ParquetPaths
+from datalake.lake import DuckDBResource, ParquetPaths, quote_identifier
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
 from datalake.watermark import committed_text, committing_record, decode_watermark
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
     import duckdb
 
 PRIMARY_KEY_METADATA = "datalake/primary_key"
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def primary_key_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition | None:
@@ -58,8 +54,8 @@ def primary_key_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition | 
     def _check(duckdb_resource: DuckDBResource, data: ParquetPaths) -> dg.AssetCheckResult:
         con = duckdb_resource.connect()
         data.view(con, "t")
-        keys = ", ".join(_quote(c) for c in columns)
-        nulls = " OR ".join(f"{_quote(c)} IS NULL" for c in columns)
+        keys = ", ".join(quote_identifier(c) for c in columns)
+        nulls = " OR ".join(f"{quote_identifier(c)} IS NULL" for c in columns)
         row = _one(
             con,
             f"SELECT count(*), count(*) FILTER (WHERE {nulls}), "  # noqa: S608 - quoted identifiers only

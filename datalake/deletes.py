@@ -39,13 +39,8 @@ from datalake.extract import (
     sweep_stale_spills,
 )
 from datalake.lake import ParquetPaths
+from datalake.lake import quote_identifier as quote
 from datalake.specs import TableSpec
-
-
-def quote(identifier: str) -> str:
-    """A DuckDB identifier (names come from the registry and the source, validated and quoted)."""
-    return '"' + identifier.replace('"', '""') + '"'
-
 
 # The order a key's versions were observed in: by run (extraction time), then within its file.
 _OBSERVED = f"{{'at': {quote(EXTRACTED_AT_COLUMN)}, 'seq': {quote(ROW_SEQ_COLUMN)}}}"

@@ -368,8 +368,6 @@ def duckdb_stand_ins(schema: pa.Schema) -> list[tuple[str, str]]:
             found.append(
                 (f.name, f"is {f.type}: DuckDB reads decimals of more than 38 digits as DOUBLE (approximate)")
             )
-        elif pa.types.is_duration(f.type):
-            found.append((f.name, f"is {f.type} (a MySQL TIME): DuckDB reads it as BIGINT {f.type.unit}"))
     return found
 
 

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 import dagster as dg
 import fsspec
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 from pydantic import PrivateAttr
 
@@ -38,6 +39,9 @@ from datalake.storage import (
 
 # polars and DuckDB are imported where they are used, not here: a bronze run needs neither, and
 # together they are ~40 MB of a run worker's memory.
+# pyarrow.compute's kernels are generated at import time; type checkers cannot see them.
+pc: Any = pyarrow.compute
+
 if TYPE_CHECKING:
     import duckdb
     import polars as pl
@@ -756,6 +760,19 @@ class DuckDBResource(dg.ConfigurableResource):
         return con
 
 
+_DURATION_AS_INTERVAL = {
+    "s": "to_seconds({0}) AS {0}",
+    "ms": "to_milliseconds({0}) AS {0}",
+    "us": "to_microseconds({0}) AS {0}",
+    "ns": "to_microseconds({0} // 1000) AS {0}",
+}
+
+
+def quote_identifier(name: str) -> str:
+    """A DuckDB identifier, quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 @dataclass(frozen=True)
 class ParquetPaths:
     """A path handle: the upstream files for the mapped partitions, and how to read them.
@@ -795,7 +812,16 @@ class ParquetPaths:
             files = [f"{protocol}://{f.split('://', 1)[1]}" for f in files]
         # hive_partitioning off: the files' own columns are the schema, the same whether or not
         # any file exists (bronze paths carry ingestion_date=… directories).
-        return con.read_parquet(files, union_by_name=True, hive_partitioning=False)
+        relation = con.read_parquet(files, union_by_name=True, hive_partitioning=False)
+        # A duration (bronze's MySQL TIME) is a plain INT64 to DuckDB's Parquet reader: made the
+        # INTERVAL it is (as DuckDB reads it from Arrow, for an empty input), which the Parquet IO
+        # manager writes back as duration[us].
+        durations = [
+            _DURATION_AS_INTERVAL[f.type.unit].format(quote_identifier(f.name))
+            for f in self.schema
+            if pa.types.is_duration(f.type) and f.name in relation.columns
+        ]
+        return relation.project(f"* REPLACE ({', '.join(durations)})") if durations else relation
 
     def view(self, con: duckdb.DuckDBPyConnection, name: str) -> duckdb.DuckDBPyRelation:
         """Registers the input under ``name`` for use in SQL text, and returns it."""
@@ -821,8 +847,50 @@ def record_batches(
     """Any supported output as (schema, stream of record batches), without collecting it whole.
 
     A DuckDB relation is read in batches of at most ``batch_rows`` that hold about an eighth of
-    ``row_group_bytes`` (see ``relation_batch_rows``).
+    ``row_group_bytes`` (see ``relation_batch_rows``). Intervals (DuckDB's ``INTERVAL``, which
+    Parquet cannot store) become ``duration[us]`` (see ``interval_as_duration``).
     """
+    schema, batches = _record_batches(obj, batch_rows, row_group_bytes, row_bytes)
+    intervals = [i for i, f in enumerate(schema) if f.type == pa.month_day_nano_interval()]
+    if not intervals:
+        return schema, batches
+    for i in intervals:
+        schema = schema.set(i, schema.field(i).with_type(pa.duration("us")))
+
+    def converted() -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            columns = list(batch.columns)
+            for i in intervals:
+                columns[i] = interval_as_duration(columns[i], schema.field(i).name)
+            yield pa.RecordBatch.from_arrays(columns, schema=schema)
+
+    return schema, converted()
+
+
+def interval_as_duration(array: pa.Array, name: str) -> pa.Array:
+    """A month-day-nano interval array as ``duration[us]``: days of 86 400 s, exact to the
+    microsecond (DuckDB's precision). Months have no fixed length: an interval with months fails,
+    naming the column. A MySQL TIME (bronze's ``duration[us]``) round-trips through DuckDB this way."""
+    n, offset = len(array), array.offset
+    # Each value is 16 bytes: int32 months, int32 days (one little-endian int64), then int64 nanoseconds.
+    words = pa.Array.from_buffers(pa.int64(), 2 * (n + offset), [None, array.buffers()[1]])
+    pairs = pa.FixedSizeListArray.from_arrays(words, 2).slice(offset, n)
+    head, nanos = pc.list_element(pairs, 0), pc.list_element(pairs, 1)
+    valid = array.is_valid()
+    months = pc.bit_wise_and(head, 0xFFFFFFFF)
+    if pc.any(pc.and_(valid, pc.not_equal(months, 0))).as_py():
+        raise ValueError(
+            f"column {name!r}: an INTERVAL with months has no fixed length in seconds; "
+            "give it as a number (e.g. epoch(...)) or in days"
+        )
+    days = pc.shift_right(head, 32)
+    micros = pc.add(pc.multiply(days, 86_400_000_000), pc.divide(nanos, 1000))
+    return pc.if_else(valid, micros, pa.scalar(None, pa.int64())).cast(pa.duration("us"))
+
+
+def _record_batches(
+    obj: Any, batch_rows: int, row_group_bytes: int | None, row_bytes: int | None
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     if loaded_instance(obj, "duckdb", "DuckDBPyRelation"):
         reader = obj.to_arrow_reader(relation_batch_rows(obj, batch_rows, row_group_bytes, row_bytes))
         return reader.schema, iter(reader)

@@ -609,26 +609,33 @@ def test_path_input_finds_an_upstream_by_its_io_manager_key_not_its_key_prefix(t
         (tmp_path / "silver" / "usage_total" / "usage_total.parquet").unlink()
 
 
-def test_path_input_warns_of_columns_duckdb_reads_as_a_stand_in(tmp_path: Path) -> None:
-    """DECIMAL beyond 38 digits and TIME (duration) cannot be DuckDB's types: the step says so."""
+def test_path_input_reads_time_as_interval_and_warns_of_decimals_beyond_duckdb(tmp_path: Path) -> None:
+    """A TIME (bronze's duration[us]) is an INTERVAL to DuckDB and comes back exactly as duration[us];
+    a DECIMAL beyond 38 digits cannot be DuckDB's: the step's log says so."""
     roots = {"silver_io_manager": str(tmp_path / "silver")}
     exact = Decimal("12345678901234567890.123456789012345678")
+    times = [30_600_000_000, -5, None, 838 * 3_600_000_000 + 59 * 60_000_000 + 59_000_000]  # up to 838:59:59
 
     @dg.asset(key=["silver", "ledger"], io_manager_key="silver_io_manager")
     def ledger() -> pa.Table:
         return pa.table(
             {
-                "id": [1],
-                "balance": pa.array([exact], pa.decimal256(65, 30)),
-                "opens": pa.array([30_600_000_000], pa.duration("us")),
+                "id": [1, 2, 3, 4],
+                "balance": pa.array([exact, None, None, None], pa.decimal256(65, 30)),
+                "opens": pa.array(times, pa.duration("us")),
             }
         )
 
-    @dg.asset(ins={"upstream": dg.AssetIn(key=ledger.key, input_manager_key="duckdb_path_input_manager")})
-    def reader(upstream: ParquetPaths, duckdb_resource: DuckDBResource) -> None:
+    @dg.asset(
+        key=["silver", "reader"],
+        io_manager_key="silver_io_manager",
+        ins={"upstream": dg.AssetIn(key=ledger.key, input_manager_key="duckdb_path_input_manager")},
+    )
+    def reader(upstream: ParquetPaths, duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
         relation = upstream.relation(duckdb_resource.connect())
         types = dict(zip(relation.columns, map(str, relation.types), strict=True))
-        assert types == {"id": "BIGINT", "balance": "DOUBLE", "opens": "BIGINT"}
+        assert types == {"id": "BIGINT", "balance": "DOUBLE", "opens": "INTERVAL"}
+        return relation.project("id, opens, opens + INTERVAL 1 SECOND AS later")
 
     resources = {
         "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"]),
@@ -642,14 +649,28 @@ def test_path_input_warns_of_columns_duckdb_reads_as_a_stand_in(tmp_path: Path) 
         for e in instance.all_logs(result.run_id)
         if e.level == logging.WARNING and "DuckDB reads" in e.user_message
     ]
-    assert len(warnings) == 2, warnings
+    assert len(warnings) == 1, warnings
     assert (
         "column 'balance' is decimal256(65, 30): DuckDB reads decimals of more than 38 digits as DOUBLE"
-        in (warnings[0] + warnings[1])
+        in (warnings[0])
     )
-    assert "column 'opens' is duration[us] (a MySQL TIME): DuckDB reads it as BIGINT us" in (
-        warnings[0] + warnings[1]
-    )
+    written = pq.read_table(tmp_path / "silver" / "reader" / "reader.parquet").sort_by("id")
+    assert written.schema.field("opens").type == pa.duration("us")
+    assert written.column("opens").to_pylist() == pa.array(times, pa.duration("us")).to_pylist()
+    assert written.column("later").to_pylist()[0] == dt.timedelta(hours=8, minutes=30, seconds=1)
+
+
+def test_an_interval_with_months_fails_naming_its_column(tmp_path: Path) -> None:
+    @dg.asset(io_manager_key="silver_io_manager")
+    def spans(duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        return duckdb_resource.connect().sql("SELECT INTERVAL 1 MONTH AS billing_period")
+
+    resources = {
+        "silver_io_manager": ParquetIOManager(root=str(tmp_path / "silver")),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    with pytest.raises(ValueError, match="column 'billing_period': an INTERVAL with months"):
+        dg.materialize([spans], resources=resources)
 
 
 @pytest.mark.azurite

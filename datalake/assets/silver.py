@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from datalake.deletes import current_versions_sql, quote
+from datalake.deletes import current_versions_sql
 from datalake.extract import DELETED_COLUMN, LINEAGE_COLUMNS
 from datalake.lake import PARTITION_COLUMN_KEY, DuckDBResource, ParquetPaths, Relation
+from datalake.lake import quote_identifier as quote
 from datalake.settings import SILVER, Settings
 from datalake.specs import Mode, TableSpec
 

@@ -42,8 +42,13 @@ from datalake.lake import ParquetPaths
 from datalake.lake import quote_identifier as quote
 from datalake.specs import TableSpec
 
-# The order a key's versions were observed in: by run (extraction time), then within its file.
-_OBSERVED = f"{{'at': {quote(EXTRACTED_AT_COLUMN)}, 'seq': {quote(ROW_SEQ_COLUMN)}}}"
+# The order a key's versions were observed in: by run (extraction time), then within its file. A
+# file without lineage (older than it) was observed before any tombstone: DuckDB would sort its
+# NULLs above every value.
+_OBSERVED = (
+    f"{{'at': coalesce({quote(EXTRACTED_AT_COLUMN)}, '-infinity'::TIMESTAMPTZ), "
+    f"'seq': coalesce({quote(ROW_SEQ_COLUMN)}, -1)}}"
+)
 
 
 def current_versions_sql(versions: str, spec: TableSpec, columns: str, *, tombstones: bool) -> str:

@@ -99,3 +99,37 @@ def test_current_partner_mapping_follows_the_lakes_today(tmp_path: Path) -> None
     }
     customer = pq.read_table(silver / "dim_customer" / "dim_customer.parquet").to_pylist()
     assert [(c["customer_id"], c["partner_id"], c["partner_name"]) for c in customer] == [(1, 2, "NEW")]
+
+
+def test_a_tombstone_outranks_versions_from_files_without_lineage(tmp_path: Path) -> None:
+    """A file written before bronze had lineage columns reads them as NULL: those versions were
+    observed before any tombstone (DuckDB would sort the NULLs above every value)."""
+    from datalake.assets.silver import current_state
+    from datalake.specs import TableSpec
+
+    utc = pa.timestamp("us", "UTC")
+    at = dt.datetime(2024, 5, 1, 10, tzinfo=dt.UTC)
+    pq.write_table(
+        pa.table({"id": [1, 2], "updated_at": pa.array([at, at], utc), "name": ["a", "b"]}),
+        tmp_path / "old.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": [1],
+                "updated_at": pa.array([at], utc),
+                "name": pa.array([None], pa.string()),
+                "_datalake_run_id": ["r2"],
+                "_datalake_extracted_at": pa.array([dt.datetime(2024, 6, 1, tzinfo=dt.UTC)], utc),
+                "_datalake_row_seq": pa.array([0], pa.int64()),
+                "_datalake_deleted": [True],
+            }
+        ),
+        tmp_path / "tombstone.parquet",
+    )
+    spec = TableSpec.model_validate(
+        {"schema": "s", "table": "t", "primary_key": ["id"], "cursor": {"column": "updated_at"}}
+    )
+    files = [str(tmp_path / "old.parquet"), str(tmp_path / "tombstone.parquet")]
+    relation = duckdb.connect().read_parquet(files, union_by_name=True, hive_partitioning=False)
+    assert current_state(relation, spec).fetchall() == [(2, at, "b")]

@@ -328,6 +328,8 @@ class LakeStorage:
     def __init__(self, root: str, azure: AzureAccess | None = None):
         self.root = parse_root(root)
         self._azure = azure
+        # Modification times the last listing returned (no request per file on Azure).
+        self._listed_mtimes: dict[str, float] = {}
         if self.root.is_azure:
             self.fs: fsspec.AbstractFileSystem = self.azure.filesystem(self.root.account)
         else:
@@ -378,25 +380,32 @@ class LakeStorage:
         # committed files (the lake's Azure filesystems are made without that cache).
         self.fs.invalidate_cache()
         try:
-            found = self.fs.find(base)
+            found = cast(dict[str, dict[str, Any]], self.fs.find(base, detail=True))
         except FileNotFoundError:
             return []
         out: list[str] = []
         root = self.root.base.rstrip("/") + "/"
-        for full in found:
+        for full, info in found.items():
             full = str(full)
             relative = full[len(root) :] if full.startswith(root) else full
             if relative.endswith(suffix) and is_visible_name(relative):
                 out.append(relative)
+                stamp = _timestamp(info.get("mtime", info.get("last_modified")))
+                if stamp is not None:
+                    self._listed_mtimes[relative] = stamp
         return sorted(out)
 
     def exists(self, relative: str) -> bool:
         return bool(self.fs.exists(self.path(relative)))
 
     def modified(self, relative: str) -> float:
-        """When the file was last written, as a POSIX timestamp."""
-        stamp = self.fs.modified(self.path(relative))
-        return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+        """When the file was last written, as a POSIX timestamp (from the last listing, if it had it)."""
+        listed = self._listed_mtimes.get(relative)
+        if listed is not None:
+            return listed
+        stamp = _timestamp(self.fs.modified(self.path(relative)))
+        assert stamp is not None
+        return stamp
 
     def size(self, relative: str) -> int:
         return int(self.fs.size(self.path(relative)) or 0)
@@ -547,6 +556,13 @@ class AtomicGroup:
     def discard(self) -> None:
         for _publish, discard in self.staged:
             discard()
+
+
+def _timestamp(value: Any) -> float | None:
+    """A POSIX timestamp from what filesystems report (float seconds, or a datetime)."""
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def _remove_stale(directory: str) -> None:

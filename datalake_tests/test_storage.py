@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 import duckdb
@@ -698,3 +698,26 @@ def test_a_write_removes_temp_files_of_writers_that_are_gone_and_no_others(tmp_p
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_listing_carries_modification_times_so_the_latest_file_costs_no_request(
+    lake_root: LakeRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The latest bronze file of a day (by write time; names sort by run id) comes from the listing
+    itself: on Azure a request per file of the day would add up for every path input."""
+    from datalake.io_managers import latest_file
+
+    storage = lake_root.storage()
+    day = "t/ingestion_date=2025-01-01"
+    _write(storage, f"{day}/t_run-b.parquet", _table(1))
+    time.sleep(1.1)  # modification times of a second's resolution still differ
+    _write(storage, f"{day}/t_run-a.parquet", _table(2))
+    files = storage.list_files("t/")
+    assert files == [f"{day}/t_run-a.parquet", f"{day}/t_run-b.parquet"]
+
+    def no_request(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a request per file")
+
+    monkeypatch.setattr(storage.fs, "modified", no_request)
+    monkeypatch.setattr(storage.fs, "info", no_request)
+    assert latest_file(storage, files) == f"{day}/t_run-a.parquet"

@@ -47,16 +47,54 @@ AZURE_BLOCK_SIZE = 8 * 2**20
 # (a year's backfill: 365 x 8 MiB). 1 MiB blocks still allow 48 GiB per file (50,000 blocks).
 SPLIT_AZURE_BLOCK_SIZE = 2**20
 _AZURE_SCHEMES = ("abfs", "abfss", "az")
-# A local temp file is named after its writer (host and PID). The next write into the directory
-# removes leftovers of writers that are gone: at once when the writer ran on this host and its
-# process has ended; when it ran elsewhere (NFS shared by pods), only once untouched this long,
-# since a live writer may keep a file open and idle for hours (a range backfill's partitions).
+# A local temp file is named after its writer: host, PID namespace, PID and the process's start
+# time. The next write into the directory removes leftovers of writers that are gone: at once when
+# the writer ran in this host's PID namespace and that process (same PID, same start: PIDs are
+# reused) has ended; otherwise (another pod on a shared NFS, a container with its own PIDs) only
+# once untouched this long, since a live writer may keep a file open and idle for hours (a range
+# backfill's early partitions).
 STALE_INPROGRESS_SECONDS = 24 * 3600
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
-# .<file>.inprogress-<host>-<pid>-<32 hex>
+# .<file>.inprogress-<host>-<pid namespace>-<pid>-<start>-<32 hex>
 _OWNED_TEMP = re.compile(
-    rf"{re.escape(INPROGRESS_MARKER)}(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d+)-[0-9a-f]{{32}}$"
+    rf"{re.escape(INPROGRESS_MARKER)}(?P<host>[A-Za-z0-9.-]+)-(?P<ns>\d+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{{32}}$"
 )
+
+
+def _pid_namespace() -> int:
+    """This process's PID namespace (0 where the platform does not say, e.g. macOS)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc), None if it is not running; 0 where the
+    platform has no /proc (then PIDs are compared alone)."""
+    if not os.path.isdir("/proc/self"):
+        return 0 if _pid_running(pid) else None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[19])  # field 22 of stat(5); the first two (pid, comm) are before ')'
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _writer_tag() -> str:
+    pid = os.getpid()
+    return f"{_HOST}-{_pid_namespace()}-{pid}-{_process_start(pid) or 0}"
 
 
 def is_visible_name(name: str) -> bool:
@@ -493,7 +531,7 @@ class LakeStorage:
             _remove_stale(directory)
             temp = os.path.join(
                 directory,
-                f".{os.path.basename(final)}{INPROGRESS_MARKER}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}",
+                f".{os.path.basename(final)}{INPROGRESS_MARKER}{_writer_tag()}-{uuid.uuid4().hex}",
             )
 
             def remove() -> None:
@@ -575,24 +613,12 @@ def _remove_stale(directory: str) -> None:
                 continue
             owner = _OWNED_TEMP.search(entry.name)
             with contextlib.suppress(OSError):
-                if owner and owner["host"] == _HOST:
-                    gone = not _process_alive(int(owner["pid"]))
-                else:  # another host's, or named before writers were
+                if owner and owner["host"] == _HOST and int(owner["ns"]) == _pid_namespace():
+                    gone = _process_start(int(owner["pid"])) != int(owner["start"])
+                else:  # another host's or PID namespace's, or named before writers were
                     gone = now - entry.stat().st_mtime > STALE_INPROGRESS_SECONDS
                 if gone:
                     os.remove(entry.path)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _fsync_dir(directory: str) -> None:

@@ -664,7 +664,11 @@ def test_a_range_split_on_azure_holds_small_blocks_per_open_partition(
 def test_a_write_removes_temp_files_of_writers_that_are_gone_and_no_others(tmp_path: Path) -> None:
     """Local/NFS: a killed write's temp file (any file name of the directory: a retry after an OOM
     is a new run id) goes with the next write; a live writer's, however idle, stays."""
-    from datalake.storage import _HOST  # pyright: ignore[reportPrivateUsage]
+    from datalake.storage import (
+        _HOST,  # pyright: ignore[reportPrivateUsage]
+        _pid_namespace,  # pyright: ignore[reportPrivateUsage]
+        _process_start,  # pyright: ignore[reportPrivateUsage]
+    )
 
     directory = tmp_path / "t" / "ingestion_date=2025-01-01"
     directory.mkdir(parents=True)
@@ -672,6 +676,9 @@ def test_a_write_removes_temp_files_of_writers_that_are_gone_and_no_others(tmp_p
     dead = subprocess.Popen(["true"])
     dead.wait()
     two_days_ago = time.time() - 2 * 86400
+    here = f"{_HOST}-{_pid_namespace()}"
+    live_start = _process_start(live.pid)
+    assert live_start is not None
 
     def temp(name: str, owner: str, *, old: bool) -> Path:
         path = directory / f".{name}{INPROGRESS_MARKER}{owner}{uuid.uuid4().hex}"
@@ -682,18 +689,22 @@ def test_a_write_removes_temp_files_of_writers_that_are_gone_and_no_others(tmp_p
 
     try:
         kept = [
-            temp("t_run1.parquet", f"{_HOST}-{live.pid}-", old=True),  # a live writer, idle for days
-            temp("t_run2.parquet", "other-host-7-", old=False),  # another pod's, recent: may be live
+            temp("t_run1.parquet", f"{here}-{live.pid}-{live_start}-", old=True),  # live, idle for days
+            temp("t_run2.parquet", "other-host-1-7-1-", old=False),  # another pod's, recent: may be live
+            # This host name but another PID namespace (a container sharing the host's UTS
+            # namespace): its PIDs mean nothing here, so only its age counts.
+            temp("t_run3.parquet", f"{_HOST}-{_pid_namespace() + 1}-{dead.pid}-1-", old=False),
         ]
         removed = [
-            temp("t_run3.parquet", f"{_HOST}-{dead.pid}-", old=False),  # this host, process gone
-            temp("t_run4.parquet", "other-host-8-", old=True),  # another pod's, untouched for a day
-            temp("t_run5.parquet", "", old=True),  # named before writers were (no owner)
+            temp("t_run4.parquet", f"{here}-{dead.pid}-1-", old=False),  # this namespace, process gone
+            temp("t_run5.parquet", f"{here}-{live.pid}-{live_start + 1}-", old=False),  # its PID reused
+            temp("t_run6.parquet", "other-host-1-8-1-", old=True),  # another pod's, untouched for a day
+            temp("t_run7.parquet", "", old=True),  # named before writers were (no owner)
         ]
         storage = LakeStorage(str(tmp_path))
-        _write(storage, "t/ingestion_date=2025-01-01/t_run6.parquet", _table(3))
+        _write(storage, "t/ingestion_date=2025-01-01/t_run8.parquet", _table(3))
         left = {p.name for p in directory.iterdir()}
-        assert left == {p.name for p in kept} | {"t_run6.parquet"}
+        assert left == {p.name for p in kept} | {"t_run8.parquet"}
         assert not {p.name for p in removed} & left
     finally:
         live.kill()

@@ -26,6 +26,17 @@ pytestmark = pytest.mark.mariadb
 RECONCILE = {"reconcile_deletes": True}
 
 
+@pytest.fixture
+def harness(harness: BronzeHarness) -> BronzeHarness:
+    """The shared harness (both readers) with table ``t``, its cursor set on every write."""
+    harness.sql(
+        f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
+        updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
+    )
+    harness.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
+    return harness
+
+
 def _current_ids(h: BronzeHarness) -> list[int]:
     defs = build_definitions(h.settings())
     job = defs.resolve_implicit_global_asset_job_def().get_subset(
@@ -42,11 +53,6 @@ def test_keys_of_the_runs_own_window_deleted_before_its_key_scan_are_dropped_at_
     harness: BronzeHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
-    h.sql(
-        f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
-        updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
-    )
-    h.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
     h.sql(f"INSERT INTO {SCHEMA}.t (id, v) VALUES (1, 'a'), (2, 'b')")
     time.sleep(0.05)
     h.run("t")
@@ -83,11 +89,6 @@ def test_a_key_restored_after_its_delete_is_current_again_and_its_next_delete_is
     """A row deleted, then restored from a backup with its older ``updated_at``: the full refresh
     that reads it again brings it back, though its tombstone carries a later cursor."""
     h = harness
-    h.sql(
-        f"""CREATE TABLE {SCHEMA}.t (id BIGINT PRIMARY KEY, v VARCHAR(10),
-        updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"""
-    )
-    h.register(table="t", primary_key=["id"], cursor={"column": "updated_at", "kind": "timestamp"})
     h.sql(f"INSERT INTO {SCHEMA}.t VALUES (1, 'backup', '2024-05-01 09:00'), (2, 'b', '2024-05-01 09:00')")
     h.sql(f"UPDATE {SCHEMA}.t SET v = 'a2' WHERE id = 1")  # a newer version, then the delete
     h.run("t")

@@ -176,7 +176,9 @@ def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     # into a time of day, which fails for negative values and values over 24 hours.
     # ENUM too: SQLAlchemy checks values against the labels it reflected, and MariaDB's SHOW
     # CREATE TABLE shows a 4-byte UTF-8 label (an emoji) as '?', so the real value is refused.
-    if isinstance(column.type, (sa.JSON, mysql.SET, mysql.ENUM, sa.Time)):
+    # FLOAT/DOUBLE too: SQLAlchemy's MySQL types make the driver's float a Decimal rounded to 10
+    # places (1e-11 became 0.0).
+    if isinstance(column.type, (sa.JSON, mysql.SET, mysql.ENUM, sa.Time, sa.Float)):
         return sa.type_coerce(column, sa.types.NullType()).label(column.name)
     return column
 
@@ -207,7 +209,7 @@ def _converter(arrow: pa.DataType) -> Callable[[list[Any]], tuple[list[Any], int
     if pa.types.is_floating(arrow):
 
         def floats(values: list[Any]) -> tuple[list[Any], int]:
-            # SQLAlchemy's MySQL FLOAT/DOUBLE hand back Decimal (asdecimal); the column is binary floating point.
+            # The driver's floats (see _select_expression); other dialects may hand back Decimal.
             return [None if v is None else float(v) for v in values], 0
 
         return floats
@@ -622,6 +624,8 @@ def resolve_bounds(
         log(f"{spec.qualified_name}: hi capped at the oldest open transaction's start {oldest.isoformat()}")
         cap = oldest
     if spec.cursor.kind is CursorKind.TIMESTAMP:
+        if lo is not None:
+            lo = _in_cursor_precision(lo, plan.table.c[spec.cursor.column].type, conn.dialect.name)
         hi = cap if lo is None or cap >= lo else lo
     else:
         # Auto-increment ids are allocated at insert, in time order, and date_column is the
@@ -634,6 +638,24 @@ def resolve_bounds(
         hi = lo if newest is None else max(int(newest) + 1, lo or 0)
     conn.commit()
     return lo, hi
+
+
+def _in_cursor_precision(value: dt.datetime, type_: sa.types.TypeEngine[Any], dialect: str) -> dt.datetime:
+    """``value`` cut down to what the cursor column can hold.
+
+    ``hi`` is the source's clock to the microsecond; a DATETIME of whole seconds (or a DATE) stamps
+    a row written in the same second (day) after it *below* it. A window starting at the previous
+    ``hi`` would never read that row, so a window starts at the previous ``hi`` cut down to the
+    column's precision: it reads the boundary second (day) again — duplicates silver removes, where
+    cutting ``hi`` instead would hold a DATE cursor's rows back until the next day."""
+    if dialect != "mysql":
+        return value
+    if isinstance(type_, sa.DateTime):
+        step = 10 ** (6 - min(6, int(getattr(type_, "fsp", None) or 0)))
+        return value.replace(microsecond=value.microsecond // step * step)
+    if isinstance(type_, sa.Date):
+        return dt.datetime.combine(value.date(), dt.time())
+    return value
 
 
 def _refuse_watermark_beyond(conn: sa.Connection, plan: Plan, lo: Any, now: dt.datetime) -> None:

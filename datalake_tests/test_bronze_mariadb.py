@@ -510,6 +510,43 @@ def test_a_view_is_extracted_on_its_first_run_and_a_full_refresh(harness: Bronze
     assert meta(h.run("events_v", config={"mode": "full_refresh"}), "dagster/row_count") == 2
 
 
+@pytest.mark.parametrize("cursor_type", ["DATETIME", "TIMESTAMP NULL", "DATE"])
+def test_a_cursor_of_whole_seconds_or_days_loses_nothing_written_in_the_boundary_second(
+    harness: BronzeHarness, cursor_type: str
+) -> None:
+    """``hi`` is the source's clock to the microsecond; a row written after it in the same second
+    (day) gets a cursor below it. The next window starts at ``hi`` cut to the column's precision."""
+    h = harness
+    h.sql(f"CREATE TABLE {SCHEMA}.coarse (id INT PRIMARY KEY, v VARCHAR(8), updated_at {cursor_type})")
+    h.sql(f"INSERT INTO {SCHEMA}.coarse VALUES (1, 'v1', NOW())")
+    h.register(table="coarse", primary_key=["id"], cursor={"column": "updated_at"})
+    first = h.run("coarse")
+    hi = dt.datetime.fromisoformat(meta(first, "datalake/window_hi")).astimezone(dt.UTC).replace(tzinfo=None)
+    boundary = hi.date().isoformat() if cursor_type == "DATE" else hi.replace(microsecond=0).isoformat(" ")
+    # Committed after the first run, stamped in the second (day) its hi fell in: below hi.
+    h.sql(f"UPDATE {SCHEMA}.coarse SET v = 'v2', updated_at = :b WHERE id = 1", b=boundary)
+    h.sql(f"INSERT INTO {SCHEMA}.coarse VALUES (2, 'new', :b)", b=boundary)
+    second = h.run("coarse")
+    assert sorted(h.read(second).select(["id", "v"]).to_pylist(), key=lambda r: r["id"]) == [
+        {"id": 1, "v": "v2"},
+        {"id": 2, "v": "new"},
+    ]
+    assert meta(second, "datalake/window_lo") < meta(first, WATERMARK_KEY)  # the boundary again
+
+
+def test_doubles_and_floats_are_read_as_the_server_holds_them(harness: BronzeHarness) -> None:
+    """SQLAlchemy's MySQL DOUBLE hands the row reader a Decimal rounded to 10 places."""
+    h = harness
+    h.sql(f"CREATE TABLE {SCHEMA}.measures (id INT PRIMARY KEY, d DOUBLE, r REAL, updated_at DATETIME(6))")
+    values = [1e-11, 3.141592653589793, -9.87654321012e-07, 123456.78901234567]
+    for i, value in enumerate(values):
+        h.sql(f"INSERT INTO {SCHEMA}.measures VALUES (:i, :v, :v, NOW(6))", i=i, v=value)
+    h.register(table="measures", primary_key=["id"], cursor={"column": "updated_at"})
+    table = h.read(h.run("measures")).sort_by("id")
+    assert table.column("d").to_pylist() == values
+    assert table.column("r").to_pylist() == values
+
+
 def test_identifiers_that_need_quoting_are_read_by_both_readers(harness: BronzeHarness) -> None:
     """Reserved words, mixed case, spaces, ``%`` (doubled for PyMySQL's paramstyle, not for
     connectorx) and a backtick (doubled by MySQL's reflection) in column names."""

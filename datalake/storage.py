@@ -606,14 +606,14 @@ def _timestamp(value: Any) -> float | None:
 def _remove_stale(directory: str) -> None:
     """Removes the temp files in ``directory`` whose writers are gone (see STALE_INPROGRESS_SECONDS):
     a killed write's leftover goes with the next write into its directory, whatever file it was."""
-    now = time.time()
+    now, namespace = time.time(), _pid_namespace()
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             if not entry.name.startswith(".") or INPROGRESS_MARKER not in entry.name:
                 continue
             owner = _OWNED_TEMP.search(entry.name)
             with contextlib.suppress(OSError):
-                if owner and owner["host"] == _HOST and int(owner["ns"]) == _pid_namespace():
+                if owner and owner["host"] == _HOST and int(owner["ns"]) == namespace:
                     gone = _process_start(int(owner["pid"])) != int(owner["start"])
                 else:  # another host's or PID namespace's, or named before writers were
                     gone = now - entry.stat().st_mtime > STALE_INPROGRESS_SECONDS

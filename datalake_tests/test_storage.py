@@ -110,7 +110,8 @@ def test_reading_azure_files_gives_the_connection_its_remote_threads(
     azurite_server: AzuriteServer, tmp_path: Path
 ) -> None:
     """DuckDB's scan threads each wait on one request: a connection reading Azure files gets the
-    resource's ``remote_threads`` (unless it has more, or they are 0); local reads keep ``threads``."""
+    resource's ``remote_threads`` (unless it has more, or they are 0) and DuckDB's Parquet
+    prefetching; local reads keep ``threads``, without prefetching."""
     ensure_container(azurite_server)
     remote = LakeStorage(
         azure_url(azurite_server, f"threads-{os.getpid()}-{dt.datetime.now(dt.UTC):%H%M%S%f}"),
@@ -120,16 +121,19 @@ def test_reading_azure_files_gives_the_connection_its_remote_threads(
     for storage in (remote, local):
         _write(storage, "t/a.parquet", _table(3))
 
-    def threads_after_reading(storage: LakeStorage, resource: DuckDBResource) -> int:
+    def after_reading(storage: LakeStorage, resource: DuckDBResource) -> tuple[int, bool]:
+        """The connection's threads and whether prefetching is off, after reading ``storage``."""
         con = resource.connect()
         assert _path_input(storage, "t/a.parquet", con).aggregate("count(*)").fetchall() == [(3,)]
-        return con.sql("SELECT current_setting('threads')").fetchall()[0][0]
+        return con.sql(
+            "SELECT current_setting('threads'), current_setting('disable_parquet_prefetching')"
+        ).fetchall()[0]
 
-    assert threads_after_reading(remote, DuckDBResource(threads=2)) == 16
-    assert threads_after_reading(remote, DuckDBResource(threads=2, remote_threads=6)) == 6
-    assert threads_after_reading(remote, DuckDBResource(threads=24, remote_threads=6)) == 24
-    assert threads_after_reading(remote, DuckDBResource(threads=2, remote_threads=0)) == 2
-    assert threads_after_reading(local, DuckDBResource(threads=2)) == 2
+    assert after_reading(remote, DuckDBResource(threads=2)) == (16, False)
+    assert after_reading(remote, DuckDBResource(threads=2, remote_threads=6)) == (6, False)
+    assert after_reading(remote, DuckDBResource(threads=24, remote_threads=6)) == (24, False)
+    assert after_reading(remote, DuckDBResource(threads=2, remote_threads=0)) == (2, False)
+    assert after_reading(local, DuckDBResource(threads=2)) == (2, True)
 
 
 def test_root_urls_parse() -> None:

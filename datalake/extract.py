@@ -635,9 +635,24 @@ def resolve_bounds(
         newest = conn.execute(
             sa.select(cursor_col).where(date_col < cap).order_by(date_col.desc(), cursor_col.desc()).limit(1)
         ).scalar()
-        hi = lo if newest is None else max(int(newest) + 1, lo or 0)
+        if newest is not None:
+            hi = int(newest) + 1 if lo is None else max(int(newest) + 1, lo)
+        elif lo is not None:
+            hi = lo
+        else:
+            # No row inserted before the cap (an empty or truncated table, or all its rows inside
+            # the lag): no id is known to be safe, so the window reads nothing, yet it commits —
+            # the column's lowest value, so a full refresh's reset takes effect and the next run
+            # reads every row. (Without a hi, a truncated table kept its old watermark, and the
+            # ids it hands out again from 1 were never read.)
+            hi = _lowest_integer(cursor_col.type)
     conn.commit()
     return lo, hi
+
+
+def _lowest_integer(type_: sa.types.TypeEngine[Any]) -> int:
+    """The lowest value an integer column can hold (0 for MySQL's UNSIGNED; else BIGINT's)."""
+    return 0 if getattr(type_, "unsigned", False) else -(2**63)
 
 
 def _in_cursor_precision(value: dt.datetime, type_: sa.types.TypeEngine[Any], dialect: str) -> dt.datetime:

@@ -718,6 +718,39 @@ def test_run_config_full_refresh_explicit_window_and_set_watermark(harness: Bron
     assert meta(full, "dagster/row_count") == 3 and meta(full, WATERMARK_KEY) is not None
 
 
+@pytest.mark.parametrize("id_type", ["BIGINT", "INT UNSIGNED"])
+def test_an_integer_cursor_commits_when_no_row_is_older_than_the_lag_so_a_truncate_loses_nothing(
+    harness: BronzeHarness, id_type: str
+) -> None:
+    """An empty table's first run commits a watermark that reads every later row; a full refresh
+    after a truncate (ids handed out again from 1) resets the committed watermark."""
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.orders (id {id_type} PRIMARY KEY AUTO_INCREMENT, v VARCHAR(10),
+            created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"""
+    )
+    h.register(
+        table="orders",
+        primary_key=["id"],
+        cursor={"column": "id", "kind": "integer"},
+        date_column="created_at",
+    )
+    lowest = "0" if "UNSIGNED" in id_type else str(-(2**63))
+    empty = h.run("orders")
+    assert meta(empty, "dagster/row_count") == 0 and meta(empty, WATERMARK_KEY) == lowest
+    h.sql(f"INSERT INTO {SCHEMA}.orders (v) VALUES ('o1'), ('o2'), ('o3'), ('o4'), ('o5')")
+    time.sleep(0.05)
+    assert meta(h.run("orders"), WATERMARK_KEY) == "6"
+    h.sql(f"TRUNCATE TABLE {SCHEMA}.orders")
+    full = h.run("orders", config={"mode": "full_refresh"})
+    assert meta(full, "dagster/row_count") == 0 and meta(full, WATERMARK_KEY) == lowest
+    h.sql(f"INSERT INTO {SCHEMA}.orders (v) VALUES ('n1'), ('n2')")
+    time.sleep(0.05)
+    after = h.run("orders")
+    assert sorted(h.read(after).column("v").to_pylist()) == ["n1", "n2"]
+    assert meta(after, WATERMARK_KEY) == "3"
+
+
 def test_added_column_appears_in_new_files_and_reads_by_name(harness: BronzeHarness) -> None:
     import duckdb
 

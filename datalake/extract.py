@@ -177,8 +177,12 @@ def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     # ENUM too: SQLAlchemy checks values against the labels it reflected, and MariaDB's SHOW
     # CREATE TABLE shows a 4-byte UTF-8 label (an emoji) as '?', so the real value is refused.
     # FLOAT/DOUBLE too: SQLAlchemy's MySQL types make the driver's float a Decimal rounded to 10
-    # places (1e-11 became 0.0).
-    if isinstance(column.type, (sa.JSON, mysql.SET, mysql.ENUM, sa.Time, sa.Float)):
+    # places (1e-11 became 0.0). And as a DOUBLE expression: the text protocol renders a FLOAT
+    # column with 6 significant digits (16777216 became 16777200) and FLOAT(M,D)/DOUBLE(M,D) with
+    # D decimals; a DOUBLE is rendered as stored (what the Arrow reader gets in binary).
+    if isinstance(column.type, sa.Float):
+        return sa.type_coerce(column * sa.literal_column("1e0"), sa.types.NullType()).label(column.name)
+    if isinstance(column.type, (sa.JSON, mysql.SET, mysql.ENUM, sa.Time)):
         return sa.type_coerce(column, sa.types.NullType()).label(column.name)
     return column
 

@@ -535,16 +535,41 @@ def test_a_cursor_of_whole_seconds_or_days_loses_nothing_written_in_the_boundary
 
 
 def test_doubles_and_floats_are_read_as_the_server_holds_them(harness: BronzeHarness) -> None:
-    """SQLAlchemy's MySQL DOUBLE hands the row reader a Decimal rounded to 10 places."""
+    """SQLAlchemy's MySQL DOUBLE hands the row reader a Decimal rounded to 10 places, and the text
+    protocol renders FLOAT with 6 significant digits and FLOAT(M,D)/DOUBLE(M,D) with D decimals;
+    the Arrow reader gets the stored bits. Both must write the stored value."""
     h = harness
-    h.sql(f"CREATE TABLE {SCHEMA}.measures (id INT PRIMARY KEY, d DOUBLE, r REAL, updated_at DATETIME(6))")
-    values = [1e-11, 3.141592653589793, -9.87654321012e-07, 123456.78901234567]
-    for i, value in enumerate(values):
-        h.sql(f"INSERT INTO {SCHEMA}.measures VALUES (:i, :v, :v, NOW(6))", i=i, v=value)
+    h.sql(
+        f"CREATE TABLE {SCHEMA}.measures (id INT PRIMARY KEY, d DOUBLE, r REAL, f FLOAT, "
+        "f72 FLOAT(7,2), d102 DOUBLE(10,2), updated_at DATETIME(6))"
+    )
+    values = [1e-11, 3.141592653589793, -9.87654321012e-07, 123456.78901234567, 2.5e-300]
+    singles = [16777216.0, 0.1234567, 3.4028234e38, 1.17549435e-38, -1.4e-45]
+    scaled = [(12345.67, -0.01), (0.1, 1.1), (-99999.99, 12345678.91), (0.0, 0.0), (1.0, 2.0)]
+    for i, (value, single, (f72, d102)) in enumerate(zip(values, singles, scaled, strict=True)):
+        h.sql(
+            f"INSERT INTO {SCHEMA}.measures VALUES (:i, :v, :v, :f, :f72, :d102, NOW(6))",
+            i=i,
+            v=value,
+            f=single,
+            f72=f72,
+            d102=d102,
+        )
+    stored = h.sql(
+        f"SELECT CAST(f72 AS DOUBLE), CAST(d102 AS DOUBLE), CAST(f AS DOUBLE) FROM {SCHEMA}.measures ORDER BY id"
+    )
     h.register(table="measures", primary_key=["id"], cursor={"column": "updated_at"})
     table = h.read(h.run("measures")).sort_by("id")
-    assert table.column("d").to_pylist() == values
-    assert table.column("r").to_pylist() == values
+    assert table.schema.field("f").type == pa.float32()
+
+    assert table.column("d").to_pylist() == table.column("r").to_pylist() == values
+    # The server's FLOAT is IEEE single: what it holds is the value rounded to float32.
+    assert (
+        table.column("f").to_pylist() == pa.array(singles, pa.float32()).to_pylist() == [r[2] for r in stored]
+    )
+    assert [(r["f72"], r["d102"]) for r in table.select(["f72", "d102"]).to_pylist()] == [
+        (r[0], r[1]) for r in stored
+    ]
 
 
 def test_identifiers_that_need_quoting_are_read_by_both_readers(harness: BronzeHarness) -> None:

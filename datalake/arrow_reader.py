@@ -98,6 +98,10 @@ def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType, *, guar
     t = column.type
     if pa.types.is_decimal(arrow) and not _carried_exactly(arrow):
         return f"CAST({quoted} AS CHAR)"
+    if isinstance(t, sa.BINARY) and t.length == 0:
+        # A view's ``NULL AS x`` column (reflected as BINARY(0)) is MYSQL_TYPE_NULL on the wire,
+        # which connectorx cannot read.
+        return f"CAST({quoted} AS BINARY)"
     if isinstance(t, mysql.BIT):
         return f"CAST({quoted} AS UNSIGNED)"
     if enum_labels(column) is not None:

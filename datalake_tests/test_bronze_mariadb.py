@@ -497,16 +497,19 @@ def test_a_window_without_lower_bound_scans_the_table_and_a_later_one_reads_the_
 
 
 def test_a_view_is_extracted_on_its_first_run_and_a_full_refresh(harness: BronzeHarness) -> None:
-    """A view takes no index hint: the whole-table read of a first run stays a plain SELECT."""
+    """A view takes no index hint: the whole-table read of a first run stays a plain SELECT. Its
+    ``NULL AS x`` placeholder column (MYSQL_TYPE_NULL on the wire) is read as NULL binary."""
     h = harness
     _events(h)
     h.sql(
         f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', '2024-05-01 10:00:00'), "
         "('b', '2024-05-02 10:00:00')"
     )
-    h.sql(f"CREATE VIEW {SCHEMA}.events_v AS SELECT * FROM {SCHEMA}.events")
+    h.sql(f"CREATE VIEW {SCHEMA}.events_v AS SELECT *, NULL AS note FROM {SCHEMA}.events")
     h.register(table="events_v", primary_key=["id"], cursor={"column": "updated_at"})
-    assert meta(h.run("events_v"), "dagster/row_count") == 2
+    first = h.run("events_v")
+    assert meta(first, "dagster/row_count") == 2
+    assert h.read(first).column("note").to_pylist() == [None, None]
     assert meta(h.run("events_v", config={"mode": "full_refresh"}), "dagster/row_count") == 2
 
 

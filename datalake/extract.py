@@ -635,9 +635,13 @@ def resolve_bounds(
         # Auto-increment ids are allocated at insert, in time order, and date_column is the
         # insert time: the newest row inserted before the cap bounds the ids that are safe
         # to read; an uncommitted insert started later and holds a higher id.
+        # The cap cut down to date_column's precision: a DATETIME of whole seconds (a DATE) stamps
+        # a row inserted after the cap in the same second (day) below it, and its id is above an
+        # open transaction's. (A DATE date_column holds a day's ids back until the next day.)
         cursor_col, date_col = plan.table.c[spec.cursor.column], plan.table.c[spec.window_column or ""]
+        before = _in_cursor_precision(cap, date_col.type, conn.dialect.name)
         newest = conn.execute(
-            sa.select(cursor_col).where(date_col < cap).order_by(date_col.desc(), cursor_col.desc()).limit(1)
+            sa.select(cursor_col).where(date_col < before).order_by(date_col.desc(), cursor_col.desc()).limit(1)
         ).scalar()
         if newest is not None:
             hi = int(newest) + 1 if lo is None else max(int(newest) + 1, lo)

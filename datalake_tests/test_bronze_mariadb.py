@@ -404,6 +404,39 @@ def test_late_commit_is_read_by_a_later_run(harness: BronzeHarness) -> None:
     assert sorted(payloads) == ["after", "early", "late"]
 
 
+def test_an_integer_cursor_dated_by_a_date_column_loses_no_late_commit(harness: BronzeHarness) -> None:
+    """A DATE date_column stamps every id of today as older than an open transaction's start,
+    also those allocated after it: the ids read are those of days before today."""
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.orders (id INT AUTO_INCREMENT PRIMARY KEY, payload VARCHAR(16),
+            created DATE NOT NULL DEFAULT (CURRENT_DATE))"""
+    )
+    h.register(
+        table="orders", primary_key=["id"], cursor={"column": "id", "kind": "integer"}, date_column="created"
+    )
+    h.sql(
+        f"INSERT INTO {SCHEMA}.orders (payload, created) VALUES ('yesterday', CURRENT_DATE - INTERVAL 1 DAY)"
+    )
+    assert h.read(h.run("orders")).column("payload").to_pylist() == ["yesterday"]
+    late = h.admin.connect().execution_options(isolation_level="REPEATABLE READ")
+    try:
+        transaction = late.begin()
+        late.exec_driver_sql(f"INSERT INTO {SCHEMA}.orders (payload) VALUES ('late')")  # id 2, open
+        time.sleep(1.2)  # innodb_trx.trx_started has whole seconds
+        h.sql(f"INSERT INTO {SCHEMA}.orders (payload) VALUES ('after')")  # id 3, committed
+        today = h.run("orders")
+        transaction.commit()
+    finally:
+        late.close()
+    assert meta(today, "dagster/row_count") == 0  # today's ids wait for tomorrow
+    # A day later (the rows' dates moved back one day instead):
+    h.sql(f"UPDATE {SCHEMA}.orders SET created = created - INTERVAL 1 DAY")
+    time.sleep(0.15)
+    h.run("orders")
+    assert sorted(h.bronze("orders").column("payload").to_pylist()) == ["after", "late", "yesterday"]
+
+
 def test_idle_and_read_only_transactions_do_not_hold_hi_back(harness: BronzeHarness) -> None:
     """An idle BEGIN that has written nothing (a pooled connection) and a read-only snapshot (a
     report, another extraction) cannot commit rows stamped before now: rows written after they

@@ -187,17 +187,61 @@ def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     return column
 
 
+def _civil_days(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a proleptic Gregorian date, for years Python's date lacks (0)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year - 719468
+
+
+def _year_zero(text: str, as_date: bool) -> int | None:
+    """A date (days) or DATETIME (microseconds since the epoch) the driver gave as text; None for a
+    zero date (a month or day of 0)."""
+    date_part, _, time_part = text.partition(" ")
+    year, month, day = (int(p) for p in date_part.split("-"))
+    if month == 0 or day == 0:
+        return None
+    days = _civil_days(year, month, day)
+    if as_date:
+        return days
+    clock, _, fraction = (time_part or "00:00:00").partition(".")
+    hours, minutes, seconds = (int(p) for p in clock.split(":"))
+    micros = int((fraction + "000000")[:6])
+    return ((days * 24 + hours) * 60 + minutes) * 60_000_000 + seconds * 1_000_000 + micros
+
+
+_EPOCH_DATE = dt.date(1970, 1, 1)
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
+def _epoch_units(value: Any, as_date: bool) -> int | None:
+    """A driver's date/datetime (naive UTC) as days / microseconds since the epoch."""
+    if value is None or isinstance(value, int):
+        return value
+    if as_date:
+        return (value - _EPOCH_DATE).days
+    return (value.replace(tzinfo=None) - _EPOCH) // dt.timedelta(microseconds=1)
+
+
 def _converter(arrow: pa.DataType) -> Callable[[list[Any]], tuple[list[Any], int]]:
     """Cleans a column of driver values for pa.array; returns (values, zero_dates_nulled)."""
     if pa.types.is_timestamp(arrow) or pa.types.is_date(arrow):
 
         def dates(values: list[Any]) -> tuple[list[Any], int]:
-            # PyMySQL hands back zero dates ('0000-00-00 ...') as strings: NULL them, and count.
-            zero = 0
+            # PyMySQL hands back what Python's datetime cannot hold as strings: zero dates
+            # ('0000-00-00 ...', a month or day of 0: NULLed, and counted) and dates of year 0
+            # ('0000-01-01', legal in MariaDB: written as the Arrow reader reads them).
+            zero, year_zero = 0, False
             for i, v in enumerate(values):
                 if isinstance(v, str):
-                    values[i] = None
-                    zero += 1
+                    parsed = _year_zero(v, pa.types.is_date(arrow))
+                    values[i] = parsed
+                    zero += parsed is None
+                    year_zero = year_zero or parsed is not None
+            if year_zero:  # pa.array takes a column of one kind: all as days / microseconds
+                values = [_epoch_units(v, pa.types.is_date(arrow)) for v in values]
             return values, zero
 
         return dates
@@ -641,7 +685,10 @@ def resolve_bounds(
         cursor_col, date_col = plan.table.c[spec.cursor.column], plan.table.c[spec.window_column or ""]
         before = _in_cursor_precision(cap, date_col.type, conn.dialect.name)
         newest = conn.execute(
-            sa.select(cursor_col).where(date_col < before).order_by(date_col.desc(), cursor_col.desc()).limit(1)
+            sa.select(cursor_col)
+            .where(date_col < before)
+            .order_by(date_col.desc(), cursor_col.desc())
+            .limit(1)
         ).scalar()
         if newest is not None:
             hi = int(newest) + 1 if lo is None else max(int(newest) + 1, lo)

@@ -29,6 +29,7 @@ from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
 UTC = dt.UTC
+EPOCH = dt.date(1970, 1, 1)
 
 
 def _events(h: BronzeHarness, extra: str = "") -> None:
@@ -178,6 +179,35 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
         assert meta(materialization, "datalake/date_guards") is True
         assert meta(materialization, "datalake/passes") == 2
         assert table.num_rows == 3 and len(set(table.column("id").to_pylist())) == 3
+
+
+def test_dates_of_year_zero_are_dates_not_zero_dates(harness: BronzeHarness) -> None:
+    """MariaDB takes '0000-01-01' as a DATE (month and day set): the driver hands the row reader a
+    string for it, as for a zero date, but only a month or day of 0 is a zero date."""
+    h = harness
+    h.sql(
+        f"CREATE TABLE {SCHEMA}.old (id INT PRIMARY KEY, d DATE, dtt DATETIME(6), updated_at DATETIME(6) NOT NULL)"
+    )
+    h.sql(
+        f"INSERT INTO {SCHEMA}.old VALUES (1, '0000-01-01', '0000-03-01 12:00:00.5', '2024-01-01'), "
+        "(2, '2024-05-01', '2024-05-01 10:00:00', '2024-01-01'), (3, NULL, NULL, '2024-01-01')"
+    )
+    h.register(table="old", primary_key=["id"], cursor={"column": "updated_at"})
+    m = h.run("old")
+    table = h.read(m).sort_by("id")
+    assert meta(m, "datalake/zero_dates_nulled") == 0
+    day_zero = -719528  # 0000-01-01, proleptic Gregorian
+    assert table.column("d").cast(pa.int32()).to_pylist() == [
+        day_zero,
+        (dt.date(2024, 5, 1) - EPOCH).days,
+        None,
+    ]
+    march_1 = day_zero + 31 + 29  # year 0 is a leap year
+    assert table.column("dtt").cast(pa.int64()).to_pylist() == [
+        march_1 * 86_400_000_000 + 12 * 3_600_000_000 + 500_000,
+        int(dt.datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()) * 1_000_000,
+        None,
+    ]
 
 
 def test_zero_dates_appearing_later_switch_the_table_to_guarded_reads(harness: BronzeHarness) -> None:

@@ -133,3 +133,62 @@ def test_a_tombstone_outranks_versions_from_files_without_lineage(tmp_path: Path
     files = [str(tmp_path / "old.parquet"), str(tmp_path / "tombstone.parquet")]
     relation = duckdb.connect().read_parquet(files, union_by_name=True, hive_partitioning=False)
     assert current_state(relation, spec).fetchall() == [(2, at, "b")]
+
+
+def test_a_usage_day_ranks_only_the_versions_of_its_own_cdrs(tmp_path: Path) -> None:
+    """silver/billing_cdr builds a day from every bronze file, but deduplicates only the CDRs with
+    a version on that day: DuckDB cannot push the day's filter below the dedup's window, and
+    ranking the whole history made every run as slow as the lake is old."""
+    import json
+
+    from datalake.lake import DuckDBResource
+
+    class ProfiledDuckDB(DuckDBResource):
+        profile: str
+
+        def connect(self) -> duckdb.DuckDBPyConnection:
+            con = super().connect()
+            con.execute(f"SET enable_profiling = 'json'; SET profiling_output = '{self.profile}'")
+            return con
+
+    settings = resolve_settings(lake_env(tmp_path / "lake", {"DATALAKE_PARTITION_START": "2025-03-01"}))
+    i64, text, day = pa.int64(), pa.string(), dt.timedelta(days=1)
+    first = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
+    cdrs = [{"cdr_id": i, "partner_id": 1, "started_at": first + (i // 100) * day, "cost": Decimal(i)}
+            for i in range(300)]  # fmt: skip
+    cdrs.append(
+        {"cdr_id": 5, "partner_id": 1, "started_at": first + day, "cost": Decimal(5)}
+    )  # moved: 1 → 2 March
+    _bronze(tmp_path / "lake", "billing_cdr",
+            [("cdr_id", i64), ("subscription_id", i64), ("customer_id", i64), ("partner_id", i64),
+             ("call_type", text), ("started_at", TS), ("duration_seconds", i64), ("bytes_used", i64),
+             ("cost", pa.decimal128(12, 4)), ("origin", text), ("destination", text),
+             ("is_roaming", pa.bool_()), ("created_at", TS)], cdrs)  # fmt: skip
+
+    specs = load_registry(settings.registry_path)
+    bronze = [
+        dg.AssetSpec(["bronze", s.asset_name], partitions_def=daily_partitions(settings)) for s in specs
+    ]
+    resources = {k: v for k, v in build_resources(settings).items() if k not in ("v3_source", "watermarks")}
+    profile = tmp_path / "profile.json"
+    resources["duckdb_resource"] = ProfiledDuckDB(memory_limit="1GB", profile=str(profile))
+    dg.materialize(
+        [*bronze, *build_silver_assets(specs, settings)],
+        resources=resources,
+        selection=[dg.AssetKey(["silver", "billing_cdr"])],
+        partition_key="2025-03-02",
+    )
+    built = pq.read_table(tmp_path / "lake" / "silver" / "billing_cdr" / "2025-03-02.parquet")
+    assert sorted(built["cdr_id"].to_pylist()) == [5, *range(100, 200)]
+
+    def ranked(operators: list[dict[str, object]]) -> list[int]:
+        """Rows into each WINDOW operator of the profiled query (the output's, run last)."""
+        found: list[int] = []
+        for o in operators:
+            if o["type"] == "WINDOW":
+                found.append(int(o["intermediate_rows"]))  # type: ignore[arg-type]
+            found += ranked(o.get("children", []))  # type: ignore[arg-type]
+        return found
+
+    windows = ranked(json.loads(profile.read_text())["operator"])
+    assert windows and max(windows) == 102  # the day's 100 CDRs, and both versions of the moved one

@@ -266,7 +266,18 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
             """Cleaned CDRs, one per cdr_id, partitioned by usage day (started_at in the lake's time zone)."""
             window = context.partition_time_window
             con = duckdb_resource.connect()
-            current_state(bronze.relation(con), cdr_spec).create_view("cdr")
+            bronze.view(con, "bronze_cdr")
+            days = {"start": window.start, "end": window.end}
+            # Only the keys with a version in these days: DuckDB cannot push the filter on
+            # started_at below the dedup's window (by cdr_id), so every run ranked the whole CDR
+            # history. A key whose current version falls in these days has that version here; its
+            # other versions and its tombstones come along by key.
+            in_days = con.sql(
+                "SELECT * FROM bronze_cdr WHERE cdr_id IN "
+                "(SELECT cdr_id FROM bronze_cdr WHERE started_at >= $start AND started_at < $end)",
+                params=days,
+            )
+            current_state(in_days, cdr_spec).create_view("cdr")
             return con.sql(
                 """
                 SELECT cdr_id, subscription_id, customer_id, partner_id, call_type,
@@ -276,7 +287,7 @@ def _conformed(specs: dict[str, TableSpec], settings: Settings) -> list[dg.Asset
                 WHERE started_at >= $start AND started_at < $end
                 ORDER BY usage_date, cdr_id
                 """,
-                params={"tz": settings.timezone, "start": window.start, "end": window.end},
+                params={"tz": settings.timezone, **days},
             )
 
         assets.append(billing_cdr)

@@ -752,6 +752,9 @@ class DuckDBResource(dg.ConfigurableResource):
             # ~52 ms, the same as with DuckDB's external file cache off). Reads on Azure turn it
             # back on (``_tune_for_remote_reads``).
             "SET disable_parquet_prefetching = true;"
+            # Instants leave DuckDB stamped with its session zone: UTC, as bronze's, whatever the
+            # host's TZ (files written on a host in another zone did not read with the others).
+            "SET TimeZone = 'UTC';"
             f"SET VARIABLE {REMOTE_THREADS_VARIABLE} = {int(self.remote_threads)};"
         )
         return con

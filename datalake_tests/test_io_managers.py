@@ -660,6 +660,50 @@ def test_path_input_reads_time_as_interval_and_warns_of_decimals_beyond_duckdb(t
     assert written.column("later").to_pylist()[0] == dt.timedelta(hours=8, minutes=30, seconds=1)
 
 
+def test_duckdb_outputs_hold_utc_instants_whatever_the_hosts_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB stamps instants with its session's zone, by default the host's: files written on a
+    host in another zone did not read together with the others (nor with bronze's UTC)."""
+    roots = {"silver_io_manager": str(tmp_path / "silver")}
+    at = dt.datetime(2024, 5, 1, 10, tzinfo=dt.UTC)
+
+    @dg.asset(key=["silver", "events"], io_manager_key="silver_io_manager")
+    def events() -> pa.Table:
+        return pa.table({"id": [1], "seen": pa.array([at], pa.timestamp("us", tz="UTC"))})
+
+    @dg.asset(
+        key=["silver", "later"],
+        io_manager_key="silver_io_manager",
+        ins={"upstream": dg.AssetIn(key=events.key, input_manager_key="duckdb_path_input_manager")},
+    )
+    def later(upstream: ParquetPaths, duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:
+        return upstream.relation(duckdb_resource.connect()).project(
+            "id, seen, seen + INTERVAL 1 HOUR AS next"
+        )
+
+    resources = {
+        "silver_io_manager": ParquetIOManager(root=roots["silver_io_manager"]),
+        "duckdb_path_input_manager": DuckDBPathInputManager(roots=roots),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert duckdb.connect().sql("SELECT current_setting('TimeZone')").fetchall() == [
+            ("America/New_York",)
+        ]
+        dg.materialize([events, later], resources=resources)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    written = pq.read_table(tmp_path / "silver" / "later" / "later.parquet")
+    assert (
+        written.schema.field("seen").type == written.schema.field("next").type == pa.timestamp("us", tz="UTC")
+    )
+    assert written.column("next").to_pylist() == [at + dt.timedelta(hours=1)]
+
+
 def test_an_interval_with_months_fails_naming_its_column(tmp_path: Path) -> None:
     @dg.asset(io_manager_key="silver_io_manager")
     def spans(duckdb_resource: DuckDBResource) -> duckdb.DuckDBPyRelation:

@@ -113,6 +113,9 @@ def test_slice_end_to_end(v3_mariadb, mariadb_settings) -> None:
 
     partner_files = sorted({uri for asset, _p, _c, uri in rows if asset == "revsci/billing_usage_aggregated"})
     usage = pl.read_parquet(partner_files)
+    assert {c: usage.schema[c] for c in ("cdr_count", "duration_seconds", "bytes_used")} == dict.fromkeys(
+        ("cdr_count", "duration_seconds", "bytes_used"), pl.Int64
+    )
     got = {
         row["partner_id"]: (row["cdr_count"], row["duration_seconds"], row["bytes_used"], row["cost"])
         for row in usage.group_by("partner_id")

@@ -66,8 +66,10 @@ def build_revsci_assets(specs: Sequence[TableSpec], settings: Settings) -> list[
             SELECT cdr.partner_id, p.name AS partner_name, p.is_wholesale,
                    cdr.usage_date, cdr.call_type,
                    count(*) AS cdr_count,
-                   sum(cdr.duration_seconds) AS duration_seconds,
-                   sum(cdr.bytes_used) AS bytes_used,
+                   -- DuckDB sums integers as HUGEINT (DECIMAL(38,0) in the file); a partner's day
+                   -- fits a BIGINT, and a sum that did not would fail the run, not wrap.
+                   CAST(sum(cdr.duration_seconds) AS BIGINT) AS duration_seconds,
+                   CAST(sum(cdr.bytes_used) AS BIGINT) AS bytes_used,
                    sum(cdr.cost) AS cost
             FROM cdr LEFT JOIN p ON p.partner_id = cdr.partner_id
             WHERE cdr.partner_id IN (SELECT unnest($partners::UBIGINT[]))

@@ -134,9 +134,12 @@ class AzureBlobResource(AzureAccess):
             "use_listings_cache": False,
         }
         endpoint = self.blob_endpoint.rstrip("/") if self.blob_endpoint else None
-        if endpoint and not isinstance(credential, ADLS2DefaultAzureCredential):
-            # A custom endpoint with a key or SAS: the connection string is the only adlfs input
-            # that takes an endpoint URL (its account_host is https-only; Azurite speaks http).
+        if not isinstance(credential, ADLS2DefaultAzureCredential):
+            # A key or SAS as a connection string, always: it is the only adlfs input that takes an
+            # endpoint URL (its account_host is https-only; Azurite speaks http), and adlfs takes
+            # what it is not given from AZURE_STORAGE_* variables — a connection string there
+            # (another tool's) had this resource write to another account.
+            endpoint = endpoint or f"https://{account}.blob.core.windows.net"
             parts = [f"DefaultEndpointsProtocol={urlparse(endpoint).scheme}", f"AccountName={account}"]
             if isinstance(credential, ADLS2Key) and credential.key:
                 parts.append(f"AccountKey={credential.key}")
@@ -145,10 +148,6 @@ class AzureBlobResource(AzureAccess):
                 parts.append(f"SharedAccessSignature={sas}")
             parts.append(f"BlobEndpoint={endpoint}")
             kwargs["connection_string"] = ";".join(parts) + ";"
-        elif isinstance(credential, ADLS2Key):
-            kwargs["account_key"] = credential.key
-        elif isinstance(credential, ADLS2SASToken):
-            kwargs["sas_token"] = self._sas()
         else:
             from azure.identity.aio import DefaultAzureCredential
 
@@ -161,7 +160,12 @@ class AzureBlobResource(AzureAccess):
                 kwargs["account_host"] = parsed.netloc + parsed.path
         # skip_instance_cache: fsspec's process-wide cache keys by arguments, and this resource's
         # credential is its own; the resource caches its filesystems itself (``filesystem``).
-        return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)
+        fs = adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)
+        if "credential" in kwargs and (fs.connection_string or fs.account_key or fs.sas_token):
+            # Taken from AZURE_STORAGE_* variables, and adlfs prefers them to the credential.
+            fs.connection_string = fs.account_key = fs.sas_token = None
+            fs.do_connect()
+        return fs
 
     def polars_storage_options(self, root_account: str | None = None) -> dict[str, str]:
         """``storage_options`` for polars' native (object_store) Azure reader: lazy scans on Azure.

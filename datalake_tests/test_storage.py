@@ -136,6 +136,38 @@ def test_reading_azure_files_gives_the_connection_its_remote_threads(
     assert after_reading(local, DuckDBResource(threads=2)) == (2, True)
 
 
+@pytest.mark.parametrize("credential", ["key", "sas", "default"])
+def test_azure_storage_variables_never_replace_the_configured_account_or_credential(
+    monkeypatch: pytest.MonkeyPatch, credential: str
+) -> None:
+    """adlfs takes what it is not given from AZURE_STORAGE_* variables, and prefers a connection
+    string to every credential: another tool's variables had the lake written to their account."""
+    from dagster_azure.adls2 import ADLS2DefaultAzureCredential, ADLS2Key, ADLS2SASToken
+
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "DefaultEndpointsProtocol=https;AccountName=elsewhere;AccountKey=ZWxzZXdoZXJl;"
+        "BlobEndpoint=https://elsewhere.blob.core.windows.net;",
+    )
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "ZWxzZXdoZXJl")
+    monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "sv=2024&sig=elsewhere")
+    configured = {
+        "key": ADLS2Key(key="Y29uZmlndXJlZA=="),
+        "sas": ADLS2SASToken(token="sv=2024&sig=configured"),
+        "default": ADLS2DefaultAzureCredential(kwargs={}),
+    }[credential]
+    fs: Any = AzureBlobResource(credential=configured).filesystem("lakeaccount")
+    client = fs.service_client
+    assert client.account_name == "lakeaccount"
+    assert client.url.startswith("https://lakeaccount.blob.core.windows.net")
+    if credential == "sas":
+        assert "sig=configured" in client.url and "elsewhere" not in client.url
+    elif credential == "key":
+        assert client.credential.account_key == "Y29uZmlndXJlZA=="
+    else:
+        assert type(client.credential).__name__ == "DefaultAzureCredential"
+
+
 def test_root_urls_parse() -> None:
     local = parse_root("/opt/dagster/shared-data/bronze/")
     assert (local.scheme, local.base) == ("file", "/opt/dagster/shared-data/bronze")

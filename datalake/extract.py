@@ -427,7 +427,7 @@ class Extraction:
         """
         stats = self.stats
 
-        from datalake.watermark import encode_watermark
+        from datalake.watermark import SOURCE_KEY, encode_watermark
 
         def text(value: Any) -> str:
             return "" if value is None else encode_watermark(value)
@@ -451,7 +451,7 @@ class Extraction:
             "datalake/spilled_bytes": stats.spilled_bytes,
             "datalake/seconds": round(stats.seconds, 3),
             "datalake/rows_per_second": round(stats.rows / max(stats.seconds, 1e-9)),
-            "datalake/source": self.source,
+            SOURCE_KEY: self.source,
             **({"datalake/deletes_found": stats.deletes} if stats.deletes is not None else {}),
         }
 

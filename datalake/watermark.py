@@ -62,9 +62,48 @@ def committed_text(record: dg.EventLogRecord) -> str:
     return str(materialization.metadata[WATERMARK_KEY].value)
 
 
+SOURCE_KEY = "datalake/source"
+
+
+def source_kind(described: str) -> str:
+    """``mysql`` or ``demo``, from a source's description (``V3SourceResource.describe``)."""
+    return "mysql" if described.startswith("mysql://") else "demo"
+
+
 class WatermarkResource(dg.ConfigurableResource):
     """Reads committed watermarks from the instance's event log (PostgreSQL in production)."""
 
-    def committed(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey, kind: CursorKind) -> Any:
+    def committed(
+        self,
+        instance: dg.DagsterInstance,
+        asset_key: dg.AssetKey,
+        kind: CursorKind,
+        *,
+        table: str,
+        source: str,
+    ) -> Any:
+        """The committed watermark, refused (naming ``table``) when it cannot be this run's start:
+        written reading another kind of source (the demo's, then MySQL's: its rows below the
+        demo's watermark were never read), or not a value of the registry's cursor kind."""
+        from datalake.extract import NotRetryable
+
         record = committing_record(instance, asset_key)
-        return None if record is None else decode_watermark(committed_text(record), kind)
+        if record is None:
+            return None
+        text = committed_text(record)
+        materialization = record.asset_materialization
+        stored = materialization.metadata.get(SOURCE_KEY) if materialization else None
+        reset = "run it with mode: full_refresh (or set_watermark) to start over"
+        if stored is not None and source_kind(str(stored.value)) != source_kind(source):
+            raise NotRetryable(
+                f"{table}: the committed watermark {text} was read from {stored.value}, this run reads "
+                f"{source}; {reset}, or give this source a lake and Dagster instance of its own "
+                "(make clean-lake, or other DATALAKE_ROOT_* and DAGSTER_HOME)"
+            )
+        try:
+            return decode_watermark(text, kind)
+        except ValueError:
+            raise NotRetryable(
+                f"{table}: the committed watermark {text!r} is not a value of a {kind.value} cursor "
+                f"(the registry's cursor changed?); {reset}"
+            ) from None

@@ -202,3 +202,55 @@ def test_a_cursor_whose_type_contradicts_its_kind_is_refused(
     h = retrying
     _events(h, **entry)
     assert f"edge_test.events: {expected}" in _failed_once(h, "events")
+
+
+def test_a_watermark_of_another_cursor_kind_fails_at_once_until_a_full_refresh(
+    retrying: BronzeHarness,
+) -> None:
+    """The registry's cursor changed from an id to a timestamp: the committed id cannot start a
+    timestamp window (it failed on every run, retried, with ``Invalid isoformat string: '3'``)."""
+    h = retrying
+    _events(h, cursor={"column": "id", "kind": "integer"}, date_column="created_at")
+    assert meta(h.run("events"), WATERMARK_KEY) == "3"
+    h.tables[-1] = {**h.tables[-1], "cursor": {"column": "updated_at", "kind": "timestamp"}}
+    h.tables[-1].pop("date_column")
+    message = _failed_once(h, "events")
+    assert "edge_test.events: the committed watermark '3' is not a value of a timestamp cursor" in message
+    assert "mode: full_refresh" in message
+    full = h.run("events", config={"mode": "full_refresh"})
+    assert meta(full, "dagster/row_count") == 2
+    assert meta(h.run("events"), "datalake/window_lo") == meta(full, WATERMARK_KEY)
+
+
+def test_a_watermark_read_from_the_demo_source_is_not_continued_on_mysql(retrying: BronzeHarness) -> None:
+    """The lake of ``make demo`` pointed at MySQL: the demo's watermark (id 20001) would skip every
+    MySQL row below it."""
+    h = retrying
+    _events(h)
+    h.instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=dg.AssetKey(["bronze", "events"]),
+            metadata={
+                WATERMARK_KEY: "2030-01-01T00:00:00.000000+00:00",
+                "datalake/source": "demo sqlite at /x",
+            },
+        )
+    )
+    message = _failed_once(h, "events")
+    assert (
+        "edge_test.events: the committed watermark 2030-01-01T00:00:00.000000+00:00 was read from demo"
+        in message
+    )
+    assert "this run reads mysql://" in message and "make clean-lake" in message
+    assert meta(h.run("events", config={"mode": "full_refresh"}), "dagster/row_count") == 2
+    # Another MySQL server (a failover, a new host name) continues: the same kind of source.
+    h.instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=dg.AssetKey(["bronze", "events"]),
+            metadata={
+                WATERMARK_KEY: "2024-01-01T00:00:00.000000+00:00",
+                "datalake/source": "mysql://ro@other:3306",
+            },
+        )
+    )
+    assert meta(h.run("events"), "dagster/row_count") == 2

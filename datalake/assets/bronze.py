@@ -209,11 +209,19 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
                 context.partition_key,
                 is_backfill=BACKFILL_TAG in context.run.tags,
                 settings=settings,
-                committed=lambda: watermarks.committed(context.instance, key, spec.cursor.kind),  # type: ignore[union-attr]
+                committed=lambda: watermarks.committed(
+                    context.instance,
+                    key,
+                    spec.cursor.kind,  # type: ignore[union-attr]
+                    table=spec.qualified_name,
+                    source=v3_source.describe(),
+                ),
                 today=_today(context, settings),
             )
         except RunConfigError as exc:
             raise dg.Failure(f"{spec.qualified_name}: run config {exc}", allow_retries=False) from None
+        except NotRetryable as exc:  # a watermark this run cannot start from: a retry reads the same
+            raise dg.Failure(str(exc), allow_retries=False) from None
         context.log.info(
             f"{spec.qualified_name}: {window.kind.value} window lo={window.lo!s} hi={window.hi or 'source now'} "
             f"from {v3_source.describe()}"

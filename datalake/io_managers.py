@@ -500,6 +500,12 @@ class ParquetIOManager(_LakeRoot):
         keys = _mapped_keys(context)
         wanted = _wanted(context)
         present = storage.list_files(asset_prefix(name))
+        if keys == ():  # mapped to no upstream partition (an offset before the first): none, with the schema
+            if wanted.as_dict:
+                return {}
+            return _shape(
+                {"": _empty(resolve_schema(storage, context, present))}, _Wanted(wanted.lazy, False)
+            )
         targets = {"": asset_file(name, None)} if keys is None else {k: asset_file(name, k) for k in keys}
         missing = [key for key, f in targets.items() if f not in present]
         frames: dict[str, pl.LazyFrame] = {}

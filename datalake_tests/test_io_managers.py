@@ -506,6 +506,51 @@ def _bronze_days(root: LakeRoot, instance: dg.DagsterInstance | None = None) -> 
     # DAYS[2]: never extracted
 
 
+def test_an_input_mapped_to_no_upstream_partition_is_empty_with_the_schema(lake_root: LakeRoot) -> None:
+    """Yesterday's partition of the first day (an offset mapping that allows it) is none: an empty
+    frame with the upstream's schema, or an empty dict (it failed with ``cannot concat empty list``)."""
+    daily = dg.DailyPartitionsDefinition(start_date="2025-01-01", end_date="2025-01-10")
+    yesterday = dg.TimeWindowPartitionMapping(
+        start_offset=-1, end_offset=-1, allow_nonexistent_upstream_partitions=True
+    )
+    seen: dict[str, Any] = {}
+
+    @dg.asset(key=["silver", "daily_up"], partitions_def=daily, io_manager_key="silver_io_manager")
+    def daily_up(context: dg.AssetExecutionContext) -> pl.DataFrame:
+        return pl.DataFrame({"day": [context.partition_key], "n": [1]})
+
+    @dg.asset(
+        key=["silver", "daily_prev"],
+        partitions_def=daily,
+        io_manager_key="silver_io_manager",
+        ins={"frame": dg.AssetIn(key=daily_up.key, partition_mapping=yesterday)},
+    )
+    def daily_prev(frame: pl.DataFrame) -> pl.DataFrame:
+        seen["frame"] = frame
+        return frame
+
+    @dg.asset(
+        key=["silver", "daily_prev_by_day"],
+        partitions_def=daily,
+        io_manager_key="silver_io_manager",
+        ins={"by_day": dg.AssetIn(key=daily_up.key, partition_mapping=yesterday)},
+    )
+    def daily_prev_by_day(by_day: dict[str, pl.LazyFrame]) -> pl.DataFrame:
+        seen["by_day"] = by_day
+        return pl.DataFrame({"days": [len(by_day)]})
+
+    resources = {"silver_io_manager": ParquetIOManager(root=lake_root.sub("silver"), azure=lake_root.azure)}
+    assert dg.materialize([daily_up], resources=resources, partition_key="2025-01-01").success
+    assets, downstream = [daily_up, daily_prev, daily_prev_by_day], [daily_prev, daily_prev_by_day]
+    dg.materialize(assets, selection=downstream, resources=resources, partition_key="2025-01-02")
+    assert seen["frame"].to_dicts() == [{"day": "2025-01-01", "n": 1}] and list(seen["by_day"]) == [
+        "2025-01-01"
+    ]
+    dg.materialize(assets, selection=downstream, resources=resources, partition_key="2025-01-01")
+    assert seen["frame"].height == 0 and seen["frame"].schema == {"day": pl.String, "n": pl.Int64}
+    assert seen["by_day"] == {}
+
+
 def test_path_input_manager_hands_one_range_or_all_partitions(lake_root: LakeRoot) -> None:
     _bronze_days(lake_root)
     storage = _storage(lake_root, "bronze")

@@ -59,8 +59,9 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["dagster", "api", "grpc-health-check", "-p", "4000"]
 
 # A code server whose definitions fail to load keeps running and serves the error (healthy, but
-# with no assets). The entrypoint resolves the settings first, so a container with missing or
-# invalid DATALAKE_* variables exits non-zero with one message naming each of them (names only,
-# never values), then execs the command unchanged (same PID, signals reach Dagster directly).
+# with no assets). The entrypoint resolves the settings, loads the table registry and requires the
+# variables the instance's dagster.yaml reads (DAGSTER_PG_*) first: a container with a missing or
+# invalid one exits non-zero with one message naming each (never a secret's value), then execs the
+# command unchanged (same PID, signals reach Dagster directly).
 ENTRYPOINT ["python", "-m", "datalake.preflight"]
 CMD ["dagster", "code-server", "start", "-h", "0.0.0.0", "-p", "4000", "-m", "datalake.definitions"]

@@ -4,9 +4,10 @@
 
 `dagster code-server start` keeps serving (and passes its health check) when the definitions
 fail to load, so a missing production variable would otherwise go unnoticed until a run. This
-resolves the settings first and exits non-zero with one message naming every missing or invalid
-variable (names only, never values); otherwise it execs the command in place (same PID, so
-signals reach Dagster directly).
+resolves the settings, loads the table registry and checks that every variable the instance's
+``dagster.yaml`` reads (``{env: DAGSTER_PG_…}``) is set, and exits non-zero with one message naming
+every missing or invalid one (the values of secrets are never shown); otherwise it execs the
+command in place (same PID, so signals reach Dagster directly).
 
 The image is production: it refuses ``DATALAKE_ENV=local`` (an env file made from .env.example
 without changing that line would override the image's ``prod`` and start a half-configured code
@@ -20,6 +21,7 @@ import os
 import sys
 
 from datalake.settings import Environment, SettingsError, resolve_settings
+from datalake.specs import RegistryError, load_registry
 
 ALLOW_LOCAL_VAR = "DATALAKE_ALLOW_LOCAL"
 
@@ -29,8 +31,15 @@ def main(argv: list[str]) -> None:
         sys.exit("datalake.preflight: no command to run")
     try:
         settings = resolve_settings()
-    except SettingsError as exc:
+        load_registry(settings.registry_path)
+    except (SettingsError, RegistryError) as exc:
         sys.exit(f"datalake: refusing to start: {exc}")
+    unset = [name for name in instance_variables() if not os.environ.get(name)]
+    if unset:
+        sys.exit(
+            f"datalake: refusing to start: the Dagster instance ($DAGSTER_HOME/dagster.yaml) reads "
+            f"{', '.join(unset)}, which {'is' if len(unset) == 1 else 'are'} not set"
+        )
     if settings.environment is not Environment.PROD and os.environ.get(ALLOW_LOCAL_VAR) != "1":
         sys.exit(
             f"datalake: refusing to start: DATALAKE_ENV is {settings.environment.value!r}, and this is the "
@@ -38,6 +47,32 @@ def main(argv: list[str]) -> None:
             f"set {ALLOW_LOCAL_VAR}=1 to run the image locally on the demo source"
         )
     os.execvp(argv[0], argv)
+
+
+def instance_variables() -> list[str]:
+    """The environment variables ``$DAGSTER_HOME/dagster.yaml`` reads (``{env: NAME}``), in order."""
+    home = os.environ.get("DAGSTER_HOME")
+    path = os.path.join(home, "dagster.yaml") if home else None
+    if path is None or not os.path.isfile(path):
+        return []
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if set(node) == {"env"} and isinstance(node["env"], str):
+                found.append(node["env"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return list(dict.fromkeys(found))
 
 
 if __name__ == "__main__":

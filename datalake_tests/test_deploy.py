@@ -565,6 +565,52 @@ def test_the_image_refuses_local_mode_unless_asked(deployed_image: EmulatedImage
     assert allowed.returncode == 0, allowed.stderr
 
 
+def test_the_entrypoint_refuses_a_broken_registry_and_unset_instance_variables(tmp_path: Path) -> None:
+    """A code server whose registry fails to load, or whose instance lacks a DAGSTER_PG_* variable,
+    kept serving and passed its health check; the entrypoint refuses both, naming what is wrong."""
+    import sys
+
+    from datalake_tests.helpers import clean_environ
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    pg = {
+        "DAGSTER_PG_HOST": "db.internal",
+        "DAGSTER_PG_PORT": "5432",
+        "DAGSTER_PG_DB": "dagster",
+        "DAGSTER_PG_USER": "dagster",
+        "DAGSTER_PG_PASSWORD": "pg-secret-never-shown",
+    }
+    base = clean_environ({**PROD_ENV, "DAGSTER_HOME": str(home)})
+    for name in pg:
+        base.pop(name, None)
+
+    def preflight(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "datalake.preflight", "true"],
+            env={**base, **extra},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    missing = preflight({"DAGSTER_PG_HOST": "db.internal", "DAGSTER_PG_PASSWORD": pg["DAGSTER_PG_PASSWORD"]})
+    assert missing.returncode != 0
+    assert "reads DAGSTER_PG_PORT, DAGSTER_PG_DB, DAGSTER_PG_USER, which are not set" in missing.stderr
+    assert preflight(pg).returncode == 0
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        "tables:\n  - {schema: v3, table: t, primay_key: [id], cursor: {column: updated_at}}\n"
+    )
+    broken = preflight({**pg, "DATALAKE_REGISTRY": str(registry)})
+    assert broken.returncode != 0
+    assert "refusing to start" in broken.stderr and "primay_key" in broken.stderr, broken.stderr
+    for result in (missing, broken):
+        assert pg["DAGSTER_PG_PASSWORD"] not in result.stdout + result.stderr
+
+
 def test_production_instance_on_postgres(
     deployed_image: EmulatedImage,
     dagster_pg: dict[str, str],

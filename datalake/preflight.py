@@ -31,20 +31,23 @@ def main(argv: list[str]) -> None:
         sys.exit("datalake.preflight: no command to run")
     try:
         settings = resolve_settings()
+    except SettingsError as exc:
+        sys.exit(f"datalake: refusing to start: {exc}")
+    if settings.environment is not Environment.PROD and os.environ.get(ALLOW_LOCAL_VAR) != "1":
+        sys.exit(
+            f"datalake: refusing to start: DATALAKE_ENV is {settings.environment.value!r}, and this is the "
+            "production entrypoint (an env file made from .env.example must say DATALAKE_ENV=prod); "
+            f"set {ALLOW_LOCAL_VAR}=1 to run the image locally on the demo source"
+        )
+    try:
         load_registry(settings.registry_path)
-    except (SettingsError, RegistryError) as exc:
+    except RegistryError as exc:
         sys.exit(f"datalake: refusing to start: {exc}")
     unset = [name for name in instance_variables() if not os.environ.get(name)]
     if unset:
         sys.exit(
             f"datalake: refusing to start: the Dagster instance ($DAGSTER_HOME/dagster.yaml) reads "
             f"{', '.join(unset)}, which {'is' if len(unset) == 1 else 'are'} not set"
-        )
-    if settings.environment is not Environment.PROD and os.environ.get(ALLOW_LOCAL_VAR) != "1":
-        sys.exit(
-            f"datalake: refusing to start: DATALAKE_ENV is {settings.environment.value!r}, and this is the "
-            "production entrypoint (an env file made from .env.example must say DATALAKE_ENV=prod); "
-            f"set {ALLOW_LOCAL_VAR}=1 to run the image locally on the demo source"
         )
     os.execvp(argv[0], argv)
 

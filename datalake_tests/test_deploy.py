@@ -554,9 +554,10 @@ def test_the_image_refuses_local_mode_unless_asked(deployed_image: EmulatedImage
     )
     assert refused.returncode != 0
     assert "DATALAKE_ENV is 'local'" in refused.stderr and "DATALAKE_ALLOW_LOCAL=1" in refused.stderr
+    pg = dict.fromkeys(("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD"), "set")  # the instance's
     allowed = subprocess.run(
         [*entrypoint, "true"],
-        env={**env, "DATALAKE_ALLOW_LOCAL": "1"},
+        env={**env, **pg, "DATALAKE_ALLOW_LOCAL": "1"},
         cwd=image.workdir,
         capture_output=True,
         text=True,

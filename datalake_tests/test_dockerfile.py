@@ -487,6 +487,17 @@ def test_entrypoint_execs_the_command_in_place(image: EmulatedImage, tmp_path: P
             "DATALAKE_ROOT_BRONZE": str(tmp_path / "bronze"),
             "DATALAKE_ROOT_SILVER": str(tmp_path / "silver"),
             "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(tmp_path / "vw"),
+            # What the image's production dagster.yaml reads (the entrypoint requires them).
+            **dict.fromkeys(
+                (
+                    "DAGSTER_PG_HOST",
+                    "DAGSTER_PG_PORT",
+                    "DAGSTER_PG_DB",
+                    "DAGSTER_PG_USER",
+                    "DAGSTER_PG_PASSWORD",
+                ),
+                "5432",
+            ),
         },
     )
     process = subprocess.Popen(

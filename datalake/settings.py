@@ -341,6 +341,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     roots: dict[str, str] = {}
     azure_groups: list[str] = []
     accountless: list[str] = []
+    root_accounts: dict[str, str] = {}
     for group in GROUPS:
         value = require(_root_var(group))
         roots[group] = value or str(REPO_ROOT / "tmp" / "dagster_data" / group)
@@ -350,6 +351,8 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 azure_groups.append(group)
                 if parsed_root.account is None:
                     accountless.append(group)
+                else:
+                    root_accounts[group] = parsed_root.account
         except ValueError as exc:
             problems[_root_var(group)] = str(exc)
 
@@ -366,8 +369,17 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"must be one of {', '.join(DUCKDB_READERS)}, got {get(AZURE_DUCKDB_READER_VAR)!r}"
         )
     endpoint_problem = _blob_endpoint_problem(azure.blob_endpoint, azure.use_default_credential)
+    # A path-style endpoint (the emulator's http://host:port/<account>) serves that account only.
+    served = urlparse(azure.blob_endpoint).path.strip("/").split("/")[0] if azure.blob_endpoint else ""
     if endpoint_problem:
         problems[AZURE_BLOB_ENDPOINT_VAR] = endpoint_problem
+    elif served and any(account != served for account in root_accounts.values()):
+        for group, account in root_accounts.items():
+            if account != served:
+                problems[_root_var(group)] = (
+                    f"is on account {account!r}, but {AZURE_BLOB_ENDPOINT_VAR} serves account {served!r} only "
+                    "(its path names it): drop the account from the root or use that endpoint's"
+                )
     elif accountless and not azure.blob_endpoint:
         for group in accountless:
             problems[_root_var(group)] = (

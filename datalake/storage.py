@@ -352,7 +352,12 @@ def parse_root(url: str) -> StorageRoot:
                 "digits, hyphens); the form is abfs://<container>@<account>.dfs.core.windows.net/<path>"
             )
         account = account_host.split(".")[0] if account_host else None
-        base = posixpath.join(container, parsed.path.strip("/")).rstrip("/")
+        segments = parsed.path.strip("/").split("/") if parsed.path.strip("/") else []
+        if any(s in ("", ".", "..") for s in segments):
+            # Blob names keep them literally: '//' was written, then refused by polars' reader;
+            # '.' and '..' failed the first write with an authentication error.
+            raise ValueError(f"Azure root {url!r} has an empty, '.' or '..' path segment")
+        base = posixpath.join(container, *segments)
         return StorageRoot(url=url.rstrip("/"), scheme="abfs", base=base, account=account)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url

@@ -114,6 +114,10 @@ def test_a_port_out_of_range_is_named() -> None:
         ("/srv/lake [prod]/silver", "glob character"),
         ("abfs://lake@acct.dfs.core.windows.net/br*", "glob character"),
         ("abfs://lake/silver", "without an account needs one"),
+        # Blob names keep these literally: '//' was written and then refused by polars' reader.
+        ("abfs://lake@acct.dfs.core.windows.net/lake//silver", "empty, '.' or '..' path segment"),
+        ("abfs://lake@acct.dfs.core.windows.net/lake/./silver", "empty, '.' or '..' path segment"),
+        ("az://lake@acct.dfs.core.windows.net/../silver", "empty, '.' or '..' path segment"),
     ],
 )
 def test_bad_storage_roots_are_named_when_settings_load(root: str, message: str) -> None:
@@ -180,6 +184,24 @@ def test_a_bad_blob_endpoint_is_named_when_settings_load_without_echoing_it(
         base | {"DATALAKE_AZURE_BLOB_ENDPOINT": "http://127.0.0.1:10000/devstoreaccount1"}
     )
     assert good.root("silver") == "abfs://lake/silver"
+
+
+def test_a_root_on_another_account_than_a_path_style_endpoint_serves_is_named() -> None:
+    """The emulator's endpoint names its account in the path: a root on another account failed
+    every write with an authorization error."""
+    env = {
+        "DATALAKE_AZURE_ACCOUNT_KEY": "a2V5",
+        "DATALAKE_AZURE_BLOB_ENDPOINT": "http://127.0.0.1:10000/devstoreaccount1",
+        "DATALAKE_ROOT_BRONZE": "abfs://lake@devstoreaccount1.dfs.core.windows.net/bronze",
+        "DATALAKE_ROOT_SILVER": "abfs://lake@otheracct.dfs.core.windows.net/silver",
+    }
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(env)
+    assert set(info.value.problems) == {"DATALAKE_ROOT_SILVER"}
+    assert "serves account 'devstoreaccount1' only" in info.value.problems["DATALAKE_ROOT_SILVER"]
+    resolve_settings({**env, "DATALAKE_ROOT_SILVER": "abfs://lake/silver"})  # the endpoint's account
+    # A host-style endpoint (a sovereign cloud, a private link) is not compared.
+    resolve_settings({**env, "DATALAKE_AZURE_BLOB_ENDPOINT": "https://blob.private.example"})
 
 
 def test_azure_root_without_credentials_is_rejected() -> None:

@@ -660,7 +660,7 @@ def resolve_bounds(
     """
     spec, window = plan.spec, plan.window
     lo, hi = utc_naive(window.lo), utc_naive(window.hi)
-    if window.kind not in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH) or spec.cursor is None:
+    if window.kind is WindowKind.SNAPSHOT or spec.cursor is None:
         return lo, hi
     dialect = SourceDialect(conn.dialect.name)
     now = dialect.now(conn)
@@ -671,27 +671,24 @@ def resolve_bounds(
     if oldest is not None and oldest < cap:
         log(f"{spec.qualified_name}: hi capped at the oldest open transaction's start {oldest.isoformat()}")
         cap = oldest
-    if spec.cursor.kind is CursorKind.TIMESTAMP:
+    over_ids = window.column == spec.cursor.column and spec.cursor.kind is CursorKind.INTEGER
+    if window.kind in (WindowKind.BACKFILL, WindowKind.EXPLICIT):
+        # A stateless window reaching into the present (a backfill of today, an explicit window
+        # without an end) stops where an incremental run would: rows committed after the read in
+        # the rest of it would be missing from it for good (its reconciliation check failed).
+        safe = _newest_safe_id(conn, plan, cap) if over_ids else cap
+        if safe is None:  # no id known to be safe: nothing
+            safe = lo if lo is not None else _lowest_integer(plan.table.c[spec.cursor.column].type)
+        if hi is None or hi > safe:
+            hi = safe if lo is None or safe >= lo else lo
+    elif spec.cursor.kind is CursorKind.TIMESTAMP:
         if lo is not None:
             lo = _in_cursor_precision(lo, plan.table.c[spec.cursor.column].type, conn.dialect.name)
         hi = cap if lo is None or cap >= lo else lo
     else:
-        # Auto-increment ids are allocated at insert, in time order, and date_column is the
-        # insert time: the newest row inserted before the cap bounds the ids that are safe
-        # to read; an uncommitted insert started later and holds a higher id.
-        # The cap cut down to date_column's precision: a DATETIME of whole seconds (a DATE) stamps
-        # a row inserted after the cap in the same second (day) below it, and its id is above an
-        # open transaction's. (A DATE date_column holds a day's ids back until the next day.)
-        cursor_col, date_col = plan.table.c[spec.cursor.column], plan.table.c[spec.window_column or ""]
-        before = _in_cursor_precision(cap, date_col.type, conn.dialect.name)
-        newest = conn.execute(
-            sa.select(cursor_col)
-            .where(date_col < before)
-            .order_by(date_col.desc(), cursor_col.desc())
-            .limit(1)
-        ).scalar()
+        newest = _newest_safe_id(conn, plan, cap)
         if newest is not None:
-            hi = int(newest) + 1 if lo is None else max(int(newest) + 1, lo)
+            hi = newest if lo is None else max(newest, lo)
         elif lo is not None:
             hi = lo
         else:
@@ -700,9 +697,29 @@ def resolve_bounds(
             # the column's lowest value, so a full refresh's reset takes effect and the next run
             # reads every row. (Without a hi, a truncated table kept its old watermark, and the
             # ids it hands out again from 1 were never read.)
-            hi = _lowest_integer(cursor_col.type)
+            hi = _lowest_integer(plan.table.c[spec.cursor.column].type)
     conn.commit()
     return lo, hi
+
+
+def _newest_safe_id(conn: sa.Connection, plan: Plan, cap: dt.datetime) -> int | None:
+    """1 + the newest id inserted before ``cap`` (None: no such row): every id below it is committed.
+
+    Auto-increment ids are allocated at insert, in time order, and date_column is the insert
+    time: the newest row inserted before the cap bounds the ids that are safe to read; an
+    uncommitted insert started later holds a higher id. The cap is cut down to date_column's
+    precision: a DATETIME of whole seconds (a DATE) stamps a row inserted after the cap in the same
+    second (day) below it, and its id is above an open transaction's. (A DATE date_column holds a
+    day's ids back until the next day.)
+    """
+    spec = plan.spec
+    assert spec.cursor is not None
+    cursor_col, date_col = plan.table.c[spec.cursor.column], plan.table.c[spec.window_column or ""]
+    before = _in_cursor_precision(cap, date_col.type, conn.dialect.name)
+    newest = conn.execute(
+        sa.select(cursor_col).where(date_col < before).order_by(date_col.desc(), cursor_col.desc()).limit(1)
+    ).scalar()
+    return None if newest is None else int(newest) + 1
 
 
 def _lowest_integer(type_: sa.types.TypeEngine[Any]) -> int:

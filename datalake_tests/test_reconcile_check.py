@@ -177,3 +177,25 @@ def test_zero_date_cursors_lie_outside_a_first_runs_window(harness: BronzeHarnes
     evaluation = _check_of(h, "legacy", today)
     assert evaluation.passed, evaluation.metadata
     assert evaluation.metadata["source_rows_now"].value == 1
+
+
+@pytest.mark.parametrize("run", ["backfill of today", "window without an end"])
+def test_a_stateless_window_into_the_present_stops_where_an_incremental_run_would(
+    harness: BronzeHarness, run: str
+) -> None:
+    """A backfill of today, or an explicit window without an end, read up to the source's now: a
+    row committed afterwards in the rest of the window was missing from it for good, and the
+    reconciliation check failed although the next incremental run reads that row."""
+    h = harness
+    _insert(h, 1)
+    today = dt.datetime.now(h.settings().tz).date().isoformat()
+    if run == "backfill of today":
+        m = h.run("t", partition=today, tags={"dagster/backfill": "b1"})
+    else:
+        m = h.run("t", config={"mode": "window", "window_start": "2024-05-01T00:00:00+00:00"})
+    hi = meta(m, "datalake/window_hi")
+    assert hi and dt.datetime.fromisoformat(hi) <= dt.datetime.now(dt.UTC)  # not tomorrow, not open
+    assert h.read(m).column("id").to_pylist() == [1]
+    _insert(h, 2)  # after the run: the next incremental run's
+    assert _check(h, partition=today).passed
+    assert sorted(h.read(h.run("t")).column("id").to_pylist()) == [1, 2]

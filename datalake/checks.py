@@ -19,7 +19,7 @@ from datalake.extract import outside_every_window, utc_naive
 from datalake.lake import DuckDBResource, ParquetPaths, quote_identifier
 from datalake.source import V3SourceResource
 from datalake.specs import CursorKind, Mode, NullCursorPolicy, TableSpec
-from datalake.watermark import committed_text, committing_record, decode_watermark
+from datalake.watermark import COMPLETE_UNTIL_KEY, committed_text, committing_record, decode_watermark
 
 if TYPE_CHECKING:
     import duckdb
@@ -238,11 +238,13 @@ _PLANNED_GRACE_SECONDS = 3600
 def freshness_result(
     instance: dg.DagsterInstance, key: dg.AssetKey, freshness: dt.timedelta
 ) -> dg.AssetCheckResult:
-    """Fresh when an incremental run (one that committed a watermark) landed within ``freshness``.
+    """Fresh when the lake holds the table's rows up to less than ``freshness`` ago: the committed
+    window's ``datalake/complete_until`` (older materializations: when the run landed).
 
-    Dagster's last-update check takes the newest materialization of any partition, so a backfill
-    of a past day (which commits no watermark, and says nothing of today's data) made a stale
-    table pass.
+    Not when the last run landed: a forgotten open transaction on the source caps every window's
+    ``hi`` at its start, and runs kept landing on time with nothing new. Nor Dagster's last-update
+    check: it takes the newest materialization of any partition, so a backfill of a past day (which
+    commits no watermark, and says nothing of today's data) made a stale table pass.
     """
     record = committing_record(instance, key)
     hours = f"{freshness.total_seconds() / 3600:g} h"
@@ -252,20 +254,30 @@ def freshness_result(
             severity=dg.AssetCheckSeverity.WARN,
             description=f"No incremental run has landed yet (expected within {hours}).",
         )
-    age = time.time() - record.timestamp
+    materialization = record.asset_materialization
+    entry = materialization.metadata.get(COMPLETE_UNTIL_KEY) if materialization else None
+    landed_age = time.time() - record.timestamp
+    if entry is not None and isinstance(entry.value, str) and entry.value:
+        complete_until = dt.datetime.fromisoformat(entry.value).timestamp()
+        age = time.time() - complete_until
+        description = (
+            f"The lake holds this table's rows up to {age / 3600:.1f} h ago (its last incremental run "
+            f"landed {landed_age / 3600:.1f} h ago; expected within {hours})."
+        )
+    else:
+        age = landed_age
+        description = f"The last incremental run landed {age / 3600:.1f} h ago (expected within {hours})."
     passed = age <= freshness.total_seconds()
     metadata: dict[str, Any] = {
         "dagster/last_updated_time": dg.MetadataValue.timestamp(record.timestamp),
         "datalake/partition": record.partition_key or "",
         "datalake/watermark": committed_text(record),
+        **({COMPLETE_UNTIL_KEY: entry.value} if entry is not None else {}),
     }
     if not passed:
         metadata["dagster/overdue_seconds"] = round(age - freshness.total_seconds())
     return dg.AssetCheckResult(
-        passed=passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=f"The last incremental run landed {age / 3600:.1f} h ago (expected within {hours}).",
-        metadata=metadata,
+        passed=passed, severity=dg.AssetCheckSeverity.WARN, description=description, metadata=metadata
     )
 
 
@@ -273,8 +285,8 @@ def _freshness_check(key: dg.AssetKey, freshness: dt.timedelta) -> dg.AssetCheck
     @dg.asset_check(
         asset=key,
         name=FRESHNESS_CHECK,
-        description=f"An incremental run (one that commits a watermark) landed within "
-        f"{freshness.total_seconds() / 3600:g} h; backfills of past days do not count.",
+        description=f"The lake holds the table's rows up to less than {freshness.total_seconds() / 3600:g} h "
+        "ago (the last committed window's datalake/complete_until); backfills of past days do not count.",
     )
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         return freshness_result(context.instance, key, freshness)

@@ -427,7 +427,7 @@ class Extraction:
         """
         stats = self.stats
 
-        from datalake.watermark import SOURCE_KEY, encode_watermark
+        from datalake.watermark import COMPLETE_UNTIL_KEY, SOURCE_KEY, encode_watermark
 
         def text(value: Any) -> str:
             return "" if value is None else encode_watermark(value)
@@ -436,6 +436,12 @@ class Extraction:
             "datalake/window_kind": self.window.kind.value,
             "datalake/window_lo": text(self.resolved.get("lo")),
             "datalake/window_hi": text(self.resolved.get("hi")),
+            # Committed with the watermark: what the freshness check measures the table's age by.
+            **(
+                {COMPLETE_UNTIL_KEY: text(self.resolved["as_of"])}
+                if self.window.commits_watermark and self.resolved.get("as_of") is not None
+                else {}
+            ),
             "datalake/reader": self.reader,
             DATE_GUARDS_KEY: self.date_guards,
             "datalake/passes": stats.passes,
@@ -650,8 +656,9 @@ def outside_every_window(column: sa.ColumnElement[Any], kind: CursorKind) -> sa.
 
 def resolve_bounds(
     conn: sa.Connection, plan: Plan, lag: dt.timedelta, log: Callable[[str], None]
-) -> tuple[Any, Any]:
-    """The window's [lo, hi) as naive UTC datetimes or integers, ``hi`` from the source.
+) -> tuple[Any, Any, dt.datetime | None]:
+    """The window's [lo, hi) as naive UTC datetimes or integers, ``hi`` from the source, and the
+    instant (naive UTC) up to which a committed window leaves the table complete in the lake.
 
     ``hi`` is fixed *before* the rows are read. Any transaction that commits afterwards was
     either open now — then ``hi`` is capped at its start, so its rows (whose cursor is set
@@ -661,7 +668,7 @@ def resolve_bounds(
     spec, window = plan.spec, plan.window
     lo, hi = utc_naive(window.lo), utc_naive(window.hi)
     if window.kind is WindowKind.SNAPSHOT or spec.cursor is None:
-        return lo, hi
+        return lo, hi, None
     dialect = SourceDialect(conn.dialect.name)
     now = dialect.now(conn)
     if window.lo_from_operator:
@@ -699,7 +706,10 @@ def resolve_bounds(
             # ids it hands out again from 1 were never read.)
             hi = _lowest_integer(plan.table.c[spec.cursor.column].type)
     conn.commit()
-    return lo, hi
+    # Everything stamped (inserted) before it is in the lake once this window commits: hi for a
+    # time cursor (the cap, or lo when the cap lies below it), the cap for an id cursor.
+    as_of = hi if spec.cursor.kind is CursorKind.TIMESTAMP and isinstance(hi, dt.datetime) else cap
+    return lo, hi, as_of
 
 
 def _newest_safe_id(conn: sa.Connection, plan: Plan, cap: dt.datetime) -> int | None:
@@ -852,8 +862,8 @@ def extract(
             if "hi" in extraction.resolved:  # a re-read: the very same window
                 lo, hi = extraction.resolved["lo"], extraction.resolved["hi"]
             else:
-                lo, hi = resolve_bounds(conn, plan, lag, log)
-                extraction.resolved.update(lo=lo, hi=hi)
+                lo, hi, as_of = resolve_bounds(conn, plan, lag, log)
+                extraction.resolved.update(lo=lo, hi=hi, as_of=as_of)
             if arrow_url is not None:
                 from datalake.arrow_reader import stream_arrow
 

@@ -19,6 +19,8 @@ import dagster as dg
 from datalake.specs import CursorKind
 
 WATERMARK_KEY = "datalake/watermark"
+# The instant up to which the table is complete in the lake once that watermark is committed.
+COMPLETE_UNTIL_KEY = "datalake/complete_until"
 _PAGE = 100
 
 

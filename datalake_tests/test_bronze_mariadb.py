@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from datalake.watermark import WATERMARK_KEY
+from datalake.watermark import COMPLETE_UNTIL_KEY, WATERMARK_KEY
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
 from datalake_tests.helpers import REPO
 from datalake_tests.services import MariaDBServer
@@ -465,6 +465,34 @@ def test_an_integer_cursor_dated_by_a_date_column_loses_no_late_commit(harness: 
     time.sleep(0.15)
     h.run("orders")
     assert sorted(h.bronze("orders").column("payload").to_pylist()) == ["after", "late", "yesterday"]
+
+
+def test_freshness_fails_when_an_open_transaction_holds_the_data_back_while_runs_land(
+    harness: BronzeHarness,
+) -> None:
+    """A forgotten session's open write caps every window's hi at its start: runs land on time and
+    read nothing new, so the check measures the data's age (``datalake/complete_until``)."""
+    h = harness
+    _events(h)
+    h.extra_env.update(DATALAKE_BRONZE_FRESHNESS_HOURS="0.001")  # 3.6 s
+    h.run("events")
+    assert h.check("events", "incremental_freshness").passed
+    stuck = h.admin.connect().execution_options(isolation_level="REPEATABLE READ")
+    try:
+        transaction = stuck.begin()
+        stuck.exec_driver_sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('stuck', NOW(6))")
+        time.sleep(5)
+        landed = h.run("events")
+        check = h.check("events", "incremental_freshness")
+        transaction.rollback()
+    finally:
+        stuck.close()
+    assert meta(landed, COMPLETE_UNTIL_KEY) == meta(landed, "datalake/window_hi")
+    assert not check.passed, check.description
+    assert "rows up to" in (check.description or "")
+    time.sleep(0.15)
+    h.run("events")
+    assert h.check("events", "incremental_freshness").passed
 
 
 def test_idle_and_read_only_transactions_do_not_hold_hi_back(harness: BronzeHarness) -> None:

@@ -80,8 +80,11 @@ def run_demo(
     today = dt.datetime.now(settings.tz).date()
     bronze = defs.resolve_job_def(BRONZE_JOB)
     materialized: list[tuple[str, str, int | None, str]] = []
-    for offset in range(days, 0, -1):
-        key = (today - dt.timedelta(days=offset)).isoformat()
+    # Not before the first partition (DATALAKE_PARTITION_START may be recent).
+    for day in (today - dt.timedelta(days=offset) for offset in range(days, 0, -1)):
+        if day < settings.partition_start:
+            continue
+        key = day.isoformat()
         print(f"bronze backfill partition {key} ...", flush=True)
         result = bronze.execute_in_process(
             partition_key=key, instance=instance, tags={"datalake/trigger": "demo-backfill"}
@@ -91,7 +94,11 @@ def run_demo(
     result = bronze.execute_in_process(partition_key=today.isoformat(), instance=instance)
     materialized += _materializations(result)
     materialized += run_downstream(
-        defs, settings, instance, first_day=today - dt.timedelta(days=31), last_day=today
+        defs,
+        settings,
+        instance,
+        first_day=max(today - dt.timedelta(days=31), settings.partition_start),
+        last_day=today,
     )
     print(f"done in {time.monotonic() - started:.1f}s", flush=True)
     return materialized

@@ -407,6 +407,12 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
     except (ZoneInfoNotFoundError, ValueError):
         problems["DATALAKE_TIMEZONE"] = f"unknown IANA time zone {timezone!r}"
         timezone = "UTC"
+    today = dt.datetime.now(ZoneInfo(timezone)).date()
+    if "DATALAKE_PARTITION_START" not in problems and partition_start > today:
+        # Today's partition would not exist: every run (and make demo) failed with an unknown key.
+        problems["DATALAKE_PARTITION_START"] = (
+            f"must not be after today ({today} in {timezone}), got {start_raw!r}"
+        )
 
     lag_raw = get("DATALAKE_EXTRACT_LAG_SECONDS")
     lag = 5.0

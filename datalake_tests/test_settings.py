@@ -71,6 +71,7 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
         ("DATALAKE_BATCH_BYTES", "32MB"),
         ("DATALAKE_TIMEZONE", "Mars/Olympus"),
         ("DATALAKE_PARTITION_START", "01/02/2024"),
+        ("DATALAKE_PARTITION_START", "2099-01-01"),  # today's partition would not exist
         ("DATALAKE_EXTRACT_LAG_SECONDS", "-1"),
         ("DATALAKE_REGISTRY", "/no/such/registry.yaml"),
         ("DATALAKE_DUCKDB_MEMORY_LIMIT", "lots"),

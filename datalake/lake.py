@@ -327,6 +327,23 @@ class _ParquetSink:
             return
         if batch.schema != self.schema:
             batch = _conform(batch, self.schema)
+        if (
+            self.row_group_bytes
+            and self.row_group_size is not None
+            and batch.nbytes > self.row_group_bytes
+            and batch.num_rows > 1
+        ):
+            # One incoming batch beyond the byte bound (a Table's, cut by rows): row groups of it.
+            width = -(-batch.nbytes // batch.num_rows)
+            step = rows_per_fetch(min(batch.num_rows, self.row_group_size), self.row_group_bytes, width)
+            self._flush(final=True)
+            for start in range(0, batch.num_rows, step):
+                self.pending, self.pending_rows = (
+                    [batch.slice(start, step)],
+                    min(step, batch.num_rows - start),
+                )
+                self._flush(final=True)
+            return
         if self.row_group_size is None:
             table = pa.Table.from_batches([batch])
             self.writer(table).write_table(table, row_group_size=batch.num_rows)
@@ -427,8 +444,8 @@ def write_output(
 ) -> WriteResult:
     """Any supported output into one file, streamed: a LazyFrame is sunk, never collected.
 
-    Row groups end at ``row_group_size`` rows or ``row_group_bytes`` of Arrow data (polars' own
-    sink counts rows only). ``row_bytes``: the average input row, which sizes DuckDB reads.
+    Row groups end at ``row_group_size`` rows or ``row_group_bytes`` of Arrow data (a LazyFrame's:
+    rows only, as polars' own sink counts them; its width is not known before it runs). ``row_bytes``: the average input row, which sizes DuckDB reads.
     ``group``: visible with the group's other files (polars frames then stream as Arrow batches,
     since what polars' sink wrote is read back from the file's footer under its name).
     """
@@ -439,6 +456,9 @@ def write_output(
                     handle, compression=COMPRESSION, statistics=True, row_group_size=row_group_size
                 )
             else:
+                if row_group_bytes and obj.height:  # polars counts rows: as many as fit the bytes
+                    row_bytes_now = -(-int(obj.estimated_size()) // obj.height)
+                    row_group_size = rows_per_fetch(row_group_size, row_group_bytes, row_bytes_now)
                 obj.write_parquet(
                     handle, compression=COMPRESSION, statistics=True, row_group_size=row_group_size
                 )

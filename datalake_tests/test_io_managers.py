@@ -27,7 +27,7 @@ import pytest
 
 from datalake.extract import Extraction, ExtractionStats, Window, WindowKind
 from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
-from datalake.lake import DuckDBResource, ParquetPaths, bronze_file, write_parquet
+from datalake.lake import DuckDBResource, ParquetPaths, bronze_file, write_output, write_parquet
 from datalake.specs import Cursor, CursorKind, TableSpec
 from datalake.storage import INPROGRESS_MARKER, ArrowReads, LakeStorage
 from datalake.watermark import WATERMARK_KEY
@@ -224,6 +224,14 @@ def test_row_groups_end_at_the_byte_bound_as_well_as_the_row_count(lake_root: La
     assert row_groups("docs/rows_only.parquet") == [24]
     table = pq.read_table(storage.reader_path("docs/bounded.parquet"), filesystem=storage.fs)
     assert table.column("id").to_pylist() == list(range(24))
+
+    # A Table or DataFrame output is one batch of up to row_group_size rows: bounded by bytes too.
+    whole = pa.Table.from_batches(list(documents()), schema=schema).combine_chunks()
+    write_output(storage, "docs/table.parquet", whole, row_group_size=1000, row_group_bytes=450_000)
+    assert max(row_groups("docs/table.parquet")) <= 5 and sum(row_groups("docs/table.parquet")) == 24
+    frame = pl.from_arrow(whole)
+    write_output(storage, "docs/frame.parquet", frame, row_group_size=1000, row_group_bytes=450_000)
+    assert max(row_groups("docs/frame.parquet")) <= 5 and sum(row_groups("docs/frame.parquet")) == 24
 
 
 def test_bronze_loads_frames_by_annotation(lake_root: LakeRoot) -> None:

@@ -523,7 +523,11 @@ class SourceDialect:
                 "AND (trx_rows_modified > 0 OR trx_rows_locked > 0 OR trx_query IS NOT NULL)"
             ).scalar()
         except sqlalchemy.exc.DBAPIError as exc:
-            log(f"cannot read information_schema.innodb_trx ({type(exc.orig).__name__}); hi is not capped")
+            log(
+                f"cannot read information_schema.innodb_trx ({type(exc.orig).__name__}: the source user "
+                "lacks PROCESS); hi is not capped at open transactions, so a row committed more than the "
+                "lag after its transaction began is never read (grant PROCESS, or raise the lag)"
+            )
             return None
 
 
@@ -655,7 +659,11 @@ def outside_every_window(column: sa.ColumnElement[Any], kind: CursorKind) -> sa.
 
 
 def resolve_bounds(
-    conn: sa.Connection, plan: Plan, lag: dt.timedelta, log: Callable[[str], None]
+    conn: sa.Connection,
+    plan: Plan,
+    lag: dt.timedelta,
+    log: Callable[[str], None],
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[Any, Any, dt.datetime | None]:
     """The window's [lo, hi) as naive UTC datetimes or integers, ``hi`` from the source, and the
     instant (naive UTC) up to which a committed window leaves the table complete in the lake.
@@ -674,7 +682,7 @@ def resolve_bounds(
     if window.lo_from_operator:
         _refuse_watermark_beyond(conn, plan, lo, now)
     cap = now - lag
-    oldest = dialect.oldest_open_transaction(conn, log)
+    oldest = dialect.oldest_open_transaction(conn, warn or log)
     if oldest is not None and oldest < cap:
         log(f"{spec.qualified_name}: hi capped at the oldest open transaction's start {oldest.isoformat()}")
         cap = oldest
@@ -825,6 +833,7 @@ def extract(
     batch_bytes: int = 0,
     lag: dt.timedelta = dt.timedelta(0),
     log: Callable[[str], None] = lambda _m: None,
+    warn: Callable[[str], None] | None = None,
     progress_every: float = 15.0,
     source: str = "",
     arrow_url: Callable[[sa.Connection], str] | None = None,
@@ -862,7 +871,7 @@ def extract(
             if "hi" in extraction.resolved:  # a re-read: the very same window
                 lo, hi = extraction.resolved["lo"], extraction.resolved["hi"]
             else:
-                lo, hi, as_of = resolve_bounds(conn, plan, lag, log)
+                lo, hi, as_of = resolve_bounds(conn, plan, lag, log, warn)
                 extraction.resolved.update(lo=lo, hi=hi, as_of=as_of)
             if arrow_url is not None:
                 from datalake.arrow_reader import stream_arrow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -520,6 +521,29 @@ def test_idle_and_read_only_transactions_do_not_hold_hi_back(harness: BronzeHarn
         reader.close()
     assert meta(run, "dagster/row_count") == 1
     assert h.bronze("events").column("payload").to_pylist() == ["after-them"]
+
+
+def test_a_source_user_without_process_is_warned_of_uncapped_windows(
+    harness: BronzeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without PROCESS, innodb_trx is refused and hi is not capped at open transactions: the run
+    goes on, and says so as a warning (it was an INFO line)."""
+    h = harness
+    _events(h)
+    h.sql("DROP USER IF EXISTS 'select_only'@'%'")
+    h.sql("CREATE USER 'select_only'@'%' IDENTIFIED BY 'select-only-pw'")
+    h.sql(f"GRANT SELECT ON {SCHEMA}.* TO 'select_only'@'%'")
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", "select-only-pw")
+    h.extra_env.update(DATALAKE_MYSQL_USER="select_only")
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', NOW(6) - INTERVAL 1 SECOND)")
+    assert meta(h.run("events"), "dagster/row_count") == 1
+    (run,) = h.instance.get_runs(limit=1)
+    warnings = [
+        r.user_message
+        for r in h.instance.all_logs(run.run_id)
+        if r.level == logging.WARNING and "innodb_trx" in r.user_message
+    ]
+    assert len(warnings) == 1 and "lacks PROCESS" in warnings[0], warnings
 
 
 def test_rerun_without_source_change_reads_nothing(harness: BronzeHarness) -> None:

@@ -236,6 +236,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
                 batch_bytes=batch_bytes,
                 lag=dt.timedelta(seconds=settings.extract_lag_seconds),
                 log=context.log.info,
+                warn=context.log.warning,
                 source=v3_source.describe(),
                 arrow_url=v3_source.arrow_url if v3_source.reads_arrow else None,
                 reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,

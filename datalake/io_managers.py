@@ -29,7 +29,7 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from datalake.extract import Extraction, NeedsDateGuards, NotRetryable
+from datalake.extract import Extraction, NeedsDateGuards, NotRetryable, WindowKind
 from datalake.lake import (
     DEFAULT_ROW_GROUP_BYTES,
     DEFAULT_ROW_GROUP_SIZE,
@@ -52,7 +52,13 @@ from datalake.lake import (
     write_partitions,
 )
 from datalake.storage import AzureAccess, LakeStorage
-from datalake.watermark import WATERMARK_KEY, encode_watermark
+from datalake.watermark import (
+    WATERMARK_KEY,
+    committed_text,
+    committing_record,
+    decode_watermark,
+    encode_watermark,
+)
 
 if TYPE_CHECKING:  # imported where frames are made: bronze runs never load polars
     import polars as pl
@@ -209,6 +215,30 @@ def resolve_schema(storage: LakeStorage, context: dg.InputContext, candidates: S
 # --- bronze --------------------------------------------------------------------------
 
 
+def _not_behind(context: dg.OutputContext, obj: Extraction, mine: str) -> str:
+    """The watermark to commit: this run's, or a newer one another incremental run of the table
+    committed while this one read (two schedules, a UI materialization): the newest commit wins,
+    and this run's older ``hi`` would move the watermark back (its window read again)."""
+    spec = obj.spec
+    if obj.window.kind is not WindowKind.INCREMENTAL or obj.window.lo_from_operator or spec.cursor is None:
+        return mine  # a full refresh or an operator's watermark: what was asked for
+    record = committing_record(context.step_context.instance, context.asset_key)
+    if record is None:
+        return mine
+    theirs = committed_text(record)
+    try:
+        newer = decode_watermark(theirs, spec.cursor.kind) > decode_watermark(mine, spec.cursor.kind)
+    except ValueError:  # another cursor kind: this run's (it was checked when the run started)
+        return mine
+    if not newer:
+        return mine
+    context.log.info(
+        f"{spec.qualified_name}: another run committed {theirs} while this one read up to {mine}; "
+        "keeping the newer watermark"
+    )
+    return theirs
+
+
 class BronzeIOManager(_LakeRoot):
     """Writes an ``Extraction`` to ``<table>/ingestion_date=D/<table>_<run_id>.parquet``.
 
@@ -237,7 +267,7 @@ class BronzeIOManager(_LakeRoot):
         metadata: dict[str, Any] = {**output_metadata(written), **obj.metadata()}
         if obj.watermark is not None:
             # The commit: recorded only because the file above is durably in place.
-            metadata[WATERMARK_KEY] = encode_watermark(obj.watermark)
+            metadata[WATERMARK_KEY] = _not_behind(context, obj, encode_watermark(obj.watermark))
         context.add_output_metadata(metadata)
 
     def load_input(self, context: dg.InputContext) -> Any:

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -544,6 +546,38 @@ def test_a_source_user_without_process_is_warned_of_uncapped_windows(
         if r.level == logging.WARNING and "innodb_trx" in r.user_message
     ]
     assert len(warnings) == 1 and "lacks PROCESS" in warnings[0], warnings
+
+
+def test_an_overlapping_incremental_run_never_moves_the_watermark_back(
+    harness: BronzeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two incremental runs of a table at once (the two schedules, a UI materialization): the one
+    that started first lands last and kept its older hi, moving the watermark back."""
+    import datalake.io_managers as io_managers
+
+    h = harness
+    _events(h)
+    h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('a', NOW(6) - INTERVAL 1 SECOND)")
+    original = io_managers._write_bronze
+    inner: list[dg.AssetMaterialization | None] = []
+
+    def write_then_let_another_run_land(*args: Any, **kwargs: Any) -> Any:
+        written = original(*args, **kwargs)
+        if not inner:  # the outer run's file is written; another run lands before it commits
+            inner.append(None)
+            h.sql(f"INSERT INTO {SCHEMA}.events (payload, updated_at) VALUES ('b', NOW(6))")
+            time.sleep(0.05)
+            inner[0] = h.run("events")
+        return written
+
+    monkeypatch.setattr(io_managers, "_write_bronze", write_then_let_another_run_land)
+    outer = h.run("events")
+    monkeypatch.setattr(io_managers, "_write_bronze", original)
+    newer = meta(inner[0], WATERMARK_KEY)
+    assert meta(outer, "datalake/window_hi") < newer
+    assert meta(outer, WATERMARK_KEY) == newer
+    after = h.run("events")
+    assert meta(after, "datalake/window_lo") == newer and meta(after, "dagster/row_count") == 0
 
 
 def test_rerun_without_source_change_reads_nothing(harness: BronzeHarness) -> None:

@@ -139,8 +139,12 @@ def _loc(error: Any) -> str:
 
 def parse_registry(document: Any, *, origin: str = "registry") -> tuple[TableSpec, ...]:
     if not isinstance(document, dict) or set(document) - {"defaults", "tables"}:
+        unknown = (
+            sorted(map(str, set(document) - {"defaults", "tables"})) if isinstance(document, dict) else []
+        )
         raise RegistryError(
             f"{origin}: the top level must be a mapping with 'tables' (and optional 'defaults')"
+            + (f"; unknown key(s): {', '.join(unknown)}" if unknown else "")
         )
     defaults = document.get("defaults") or {}
     entries = document.get("tables")

@@ -122,3 +122,9 @@ def test_bad_registry_fails_definition_loading(tmp_path: Path) -> None:
     registry.write_text(yaml.safe_dump({"tables": [{**GOOD, "cursor": {"column": "updated at"}}]}))
     with pytest.raises(RegistryError, match=r"tables\[0\] \(v3_billing.invoice\): field 'cursor.column'"):
         build_definitions(resolve_settings({"DATALAKE_REGISTRY": str(registry)}))
+
+
+def test_an_unknown_top_level_key_is_named() -> None:
+    with pytest.raises(RegistryError) as info:
+        parse_registry({"defualts": {"schema": "v3_billing"}, "tables": [GOOD]})
+    assert "unknown key(s): defualts" in str(info.value)

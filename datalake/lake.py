@@ -445,7 +445,8 @@ def write_output(
     """Any supported output into one file, streamed: a LazyFrame is sunk, never collected.
 
     Row groups end at ``row_group_size`` rows or ``row_group_bytes`` of Arrow data (a LazyFrame's:
-    rows only, as polars' own sink counts them; its width is not known before it runs). ``row_bytes``: the average input row, which sizes DuckDB reads.
+    rows only, as polars' own sink counts them; its width is not known before it runs).
+    ``row_bytes``: the average input row, which sizes DuckDB reads.
     ``group``: visible with the group's other files (polars frames then stream as Arrow batches,
     since what polars' sink wrote is read back from the file's footer under its name).
     """

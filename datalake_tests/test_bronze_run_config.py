@@ -227,15 +227,16 @@ def test_a_watermark_read_from_the_demo_source_is_not_continued_on_mysql(retryin
     MySQL row below it."""
     h = retrying
     _events(h)
-    h.instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            asset_key=dg.AssetKey(["bronze", "events"]),
-            metadata={
-                WATERMARK_KEY: "2030-01-01T00:00:00.000000+00:00",
-                "datalake/source": "demo sqlite at /x",
-            },
+
+    def committed(watermark: str, source: str) -> None:  # as a run reading ``source`` records it
+        h.instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=dg.AssetKey(["bronze", "events"]),
+                metadata={WATERMARK_KEY: watermark, "datalake/source": source},
+            )
         )
-    )
+
+    committed("2030-01-01T00:00:00.000000+00:00", "demo sqlite at /x")
     message = _failed_once(h, "events")
     assert (
         "edge_test.events: the committed watermark 2030-01-01T00:00:00.000000+00:00 was read from demo"
@@ -244,13 +245,5 @@ def test_a_watermark_read_from_the_demo_source_is_not_continued_on_mysql(retryin
     assert "this run reads mysql://" in message and "make clean-lake" in message
     assert meta(h.run("events", config={"mode": "full_refresh"}), "dagster/row_count") == 2
     # Another MySQL server (a failover, a new host name) continues: the same kind of source.
-    h.instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            asset_key=dg.AssetKey(["bronze", "events"]),
-            metadata={
-                WATERMARK_KEY: "2024-01-01T00:00:00.000000+00:00",
-                "datalake/source": "mysql://ro@other:3306",
-            },
-        )
-    )
+    committed("2024-01-01T00:00:00.000000+00:00", "mysql://ro@other:3306 (tls preferred)")
     assert meta(h.run("events"), "dagster/row_count") == 2

@@ -322,6 +322,7 @@ def _with_tombstones(
         files=tuple(storage.reader_path(f) for f in existing),
         schema=obj.schema,
         filesystem=storage.scan_fs,
+        listed=storage.listed(existing),
     )
     reconcile = obj.reconcile
     return itertools.chain(
@@ -383,6 +384,7 @@ def _paths(
         partition_keys=keys,
         filesystem=storage.scan_fs,
         row_bytes=row_bytes,
+        listed=storage.listed(files),
     )
     STEP_INPUT_WIDTHS.record(context, paths)
     for name, what in duckdb_stand_ins(schema):

@@ -13,6 +13,7 @@ import base64
 import concurrent.futures
 import contextlib
 import datetime as dt
+import itertools
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ from datalake.storage import (
     SPLIT_AZURE_BLOCK_SIZE,
     AtomicGroup,
     LakeStorage,
+    ListedFile,
     ProtocolAlias,
     safe_segment,
 )
@@ -724,6 +726,8 @@ def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[
 
 # A DuckDB variable on each DuckDBResource connection: the threads it wants for remote reads.
 REMOTE_THREADS_VARIABLE = "datalake_remote_threads"
+# Numbers the path handles: each reads its files on a connection under a protocol of its own.
+_HANDLE_NUMBERS = itertools.count(1)
 
 
 class DuckDBResource(dg.ConfigurableResource):
@@ -824,6 +828,13 @@ class ParquetPaths:
     filesystem: fsspec.AbstractFileSystem | None = field(default=None, compare=False)
     # Average bytes of a row (uncompressed, from the newest file's footer): sizes what reads the output.
     row_bytes: int | None = field(default=None, compare=False)
+    # On Azure: what the listing said of ``files`` (``LakeStorage.listed``), so that DuckDB's scan
+    # asks Azure nothing the listing answered (see ``ProtocolAlias``).
+    listed: Mapping[str, ListedFile] = field(default_factory=dict, compare=False, repr=False)
+    # The protocol this handle's files are read under on a connection (one per handle: its listing).
+    _protocol: str = field(
+        default_factory=lambda: f"datalake{next(_HANDLE_NUMBERS):x}", init=False, compare=False, repr=False
+    )
 
     @property
     def is_empty(self) -> bool:
@@ -836,10 +847,13 @@ class ParquetPaths:
         if self.filesystem is not None:
             # DuckDB routes paths to a registered filesystem by protocol alone: each input's
             # filesystem (its root's account and credential) is registered under one of its own.
-            protocol = f"datalake{id(self.filesystem):x}"
+            protocol = self._protocol
             if not con.filesystem_is_registered(protocol):
-                con.register_filesystem(ProtocolAlias(self.filesystem, protocol))
-                _tune_for_remote_reads(con)
+                alias = ProtocolAlias(self.filesystem, protocol, self.listed)
+                threads = _tune_for_remote_reads(con)
+                # The footers DuckDB reads one by one to bind the scan, fetched all at once.
+                alias.prefetch_footers(threads)
+                con.register_filesystem(alias)
             files = [f"{protocol}://{f.split('://', 1)[1]}" for f in files]
         # hive_partitioning off: the files' own columns are the schema, the same whether or not
         # any file exists (bronze paths carry ingestion_date=… directories).
@@ -861,14 +875,16 @@ class ParquetPaths:
         return relation
 
 
-def _tune_for_remote_reads(con: duckdb.DuckDBPyConnection) -> None:
+def _tune_for_remote_reads(con: duckdb.DuckDBPyConnection) -> int:
     """Prefetching back on, and at least the ``remote_threads`` of the DuckDBResource that made
-    ``con`` (none: threads unchanged)."""
+    ``con`` (none: threads unchanged). Returns the connection's threads."""
     con.execute("SET disable_parquet_prefetching = false")
     wanted = con.sql(f"SELECT getvariable('{REMOTE_THREADS_VARIABLE}')").fetchall()[0][0]
-    current = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
-    if wanted and int(wanted) > int(current):
+    current = int(con.sql("SELECT current_setting('threads')").fetchall()[0][0])
+    if wanted and int(wanted) > current:
         con.execute(f"SET threads = {int(wanted)}")
+        return int(wanted)
+    return current
 
 
 def record_batches(

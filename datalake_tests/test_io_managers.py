@@ -8,6 +8,7 @@ input annotations are Dagster's own.
 import datetime as dt
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,14 @@ from datalake.extract import Extraction, ExtractionStats, Window, WindowKind
 from datalake.io_managers import BronzeIOManager, DuckDBPathInputManager, ParquetIOManager
 from datalake.lake import DuckDBResource, ParquetPaths, bronze_file, write_output, write_parquet
 from datalake.specs import Cursor, CursorKind, TableSpec
-from datalake.storage import INPROGRESS_MARKER, ArrowReads, LakeStorage
+from datalake.storage import (
+    FOOTER_PREFETCH_BYTES,
+    INPROGRESS_MARKER,
+    ArrowReads,
+    LakeStorage,
+    ProtocolAlias,
+    _PositionalFile,
+)
 from datalake.watermark import WATERMARK_KEY
 from datalake_tests.helpers import REPO
 from datalake_tests.lake_roots import (
@@ -830,7 +838,8 @@ def test_path_inputs_on_two_storage_accounts_are_read_from_their_own(
 
 @pytest.mark.azurite
 def test_path_inputs_on_one_account_share_its_filesystem(azurite_server: AzuriteServer) -> None:
-    """Inputs on one account get its one filesystem (one client, one token) and one DuckDB alias."""
+    """Inputs on one account get its one filesystem (one client, one token); each is read under a
+    DuckDB alias of its own, which answers from that input's listing."""
     ensure_container(azurite_server)
     azure = key_resource(azurite_server)
     root = azure_url(azurite_server, f"t-{uuid.uuid4().hex[:12]}")
@@ -864,7 +873,123 @@ def test_path_inputs_on_one_account_share_its_filesystem(azurite_server: Azurite
     assert dg.materialize([*upstream, both], selection=[both], resources=resources).success
     assert seen["rows"] == [1, 2]
     assert seen["shared"]
-    assert len(seen["registered"]) == 1
+    assert len(seen["registered"]) == 2
+
+
+def _count_azure_requests(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts what DuckDB's reads ask Arrow's Azure client: metadata (each a request), opens
+    (a request for the size), reads (one ranged request each)."""
+    counts = {"metadata": 0, "opens": 0, "reads": 0}
+
+    def counted(kind: str, call: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[kind] += 1
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("info", "exists", "modified"):
+        monkeypatch.setattr(ArrowReads, name, counted("metadata", getattr(ArrowReads, name)))
+    monkeypatch.setattr(ArrowReads, "_open_read", counted("opens", ArrowReads._open_read))
+    monkeypatch.setattr(_PositionalFile, "read_at", counted("reads", _PositionalFile.read_at))
+    return counts
+
+
+def test_a_path_input_on_azure_asks_azure_for_footers_at_once_and_nothing_the_listing_said(
+    azurite_server: AzuriteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB asked each file's existence, size and modification time ~7 times in a scan and read
+    the footers one after the other to bind it (200 small files with 10 ms per request: 10.6 s).
+    Now the listing answers the first, the footers are fetched on several threads before the bind,
+    and a small file is read whole with its footer: one open and one read per file."""
+    ensure_container(azurite_server)
+    azure = key_resource(azurite_server)
+    root = azure_url(azurite_server, f"t-{uuid.uuid4().hex[:12]}")
+    storage = LakeStorage(root, azure)
+    old = pa.schema([("id", pa.int64())])
+    new = old.append(pa.field("note", pa.string()))
+    for day in range(6):
+        schema = old if day < 3 else new
+        columns: dict[str, list[Any]] = {"id": [day * 10 + i for i in range(10)]}
+        if schema is new:
+            columns["note"] = [f"d{day}"] * 10
+        write_parquet(
+            storage, f"events/2025-01-0{day + 1}.parquet", schema, [pa.record_batch(columns, schema=schema)]
+        )
+    counts = _count_azure_requests(monkeypatch)
+    seen: dict[str, Any] = {}
+
+    @dg.asset(ins={"events": dg.AssetIn(input_manager_key="paths")}, io_manager_key="out_io_manager")
+    def summary(events: ParquetPaths, duckdb_resource: DuckDBResource) -> pl.DataFrame:
+        seen["listed"] = len(events.listed)
+        con = duckdb_resource.connect()
+        seen["row"] = events.relation(con).aggregate("count(*), sum(id), count(note)").fetchall()[0]
+        return pl.DataFrame({"n": [1]})
+
+    resources = {
+        "paths": DuckDBPathInputManager(roots={"io_manager": root}, azure=azure),
+        "out_io_manager": dg.InMemoryIOManager(),
+        "duckdb_resource": DuckDBResource(memory_limit="1GB"),
+    }
+    upstream = dg.AssetSpec(
+        key="events", partitions_def=dg.StaticPartitionsDefinition([f"2025-01-0{d + 1}" for d in range(6)])
+    )
+    assert dg.materialize([upstream, summary], selection=[summary], resources=resources).success
+    assert seen["listed"] == 6
+    assert seen["row"] == (60, sum(range(60)), 30)  # the column added later is read by name
+    # Before: 42 questions and 30 opens for these 6 files.
+    assert counts["metadata"] == 0
+    assert counts["opens"] == 6
+    # The newest file's footer, read by the input manager for the schema, and one read per file.
+    assert counts["reads"] <= 6 + 2
+
+
+def test_a_footer_longer_than_duckdb_reads_at_once_is_prefetched_whole(
+    azurite_server: AzuriteServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DuckDB reads a footer as the file's last 16 KiB, then the rest of a longer one: both come
+    from the prefetch, and binding the scan asks Azure nothing."""
+    ensure_container(azurite_server)
+    azure = key_resource(azurite_server)
+    storage = LakeStorage(azure_url(azurite_server, f"t-{uuid.uuid4().hex[:12]}"), azure)
+    table = pa.table({"id": pa.array(range(30_000), pa.int64()), "v": [str(i) for i in range(30_000)]})
+    local = tmp_path / "long_footer.parquet"
+    pq.write_table(table, local, row_group_size=100)  # 300 row groups: a long footer
+    assert pq.read_metadata(local).serialized_size > FOOTER_PREFETCH_BYTES
+    storage.fs.put(str(local), storage.path("t/long_footer.parquet"))
+    files = storage.list_files("t")
+    alias = ProtocolAlias(storage.scan_fs, "prefetched", storage.listed(files))
+    counts = _count_azure_requests(monkeypatch)
+    alias.prefetch_footers(threads=2)
+    assert (counts["opens"], counts["reads"]) == (1, 2)  # the first 16 KiB, then the rest
+    con = DuckDBResource(memory_limit="1GB").connect()
+    con.register_filesystem(alias)
+    relation = con.read_parquet([f"prefetched://{storage.path(f)}" for f in files])
+    assert relation.columns == ["id", "v"]
+    assert (counts["opens"], counts["reads"]) == (1, 2)
+    assert relation.aggregate("count(*), sum(id)").fetchall() == [(30_000, sum(range(30_000)))]
+    assert counts["metadata"] == 0
+
+
+def test_a_file_replaced_after_its_listing_fails_the_read_by_name(azurite_server: AzuriteServer) -> None:
+    """DuckDB would read a replaced file at the listed size's offsets: it fails, naming the file."""
+    ensure_container(azurite_server)
+    azure = key_resource(azurite_server)
+    storage = LakeStorage(azure_url(azurite_server, f"t-{uuid.uuid4().hex[:12]}"), azure)
+    schema = pa.schema([("id", pa.int64())])
+    write_parquet(storage, "t/a.parquet", schema, [pa.record_batch({"id": [1, 2]}, schema=schema)])
+    files = storage.list_files("t")
+    paths = ParquetPaths(
+        dg.AssetKey("t"),
+        tuple(storage.reader_path(f) for f in files),
+        schema,
+        filesystem=storage.scan_fs,
+        listed=storage.listed(files),
+    )
+    write_parquet(storage, "t/a.parquet", schema, [pa.record_batch({"id": list(range(5000))}, schema=schema)])
+    con = DuckDBResource(memory_limit="1GB").connect()
+    with pytest.raises(duckdb.Error, match=re.escape("t/a.parquet changed while it was being read")):
+        paths.relation(con).aggregate("sum(id)").fetchall()
 
 
 def test_an_empty_input_has_the_schema_of_the_last_written_file_not_the_last_named(

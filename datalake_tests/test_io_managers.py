@@ -958,6 +958,7 @@ def test_a_footer_longer_than_duckdb_reads_at_once_is_prefetched_whole(
     assert pq.read_metadata(local).serialized_size > FOOTER_PREFETCH_BYTES
     storage.fs.put(str(local), storage.path("t/long_footer.parquet"))
     files = storage.list_files("t")
+    assert storage.scan_fs is not None
     alias = ProtocolAlias(storage.scan_fs, "prefetched", storage.listed(files))
     counts = _count_azure_requests(monkeypatch)
     alias.prefetch_footers(threads=2)

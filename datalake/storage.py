@@ -292,6 +292,8 @@ class ListedFile:
 # Bytes kept from the end of each file: its Parquet footer, and at least what DuckDB reads to get
 # it (the last 16 KiB, then the rest of a longer footer): one request for most files.
 FOOTER_PREFETCH_BYTES = 16 * 1024
+# What one input's prefetched footers may hold: 8,192 files' worth (more are read by DuckDB itself).
+FOOTER_PREFETCH_BUDGET_BYTES = 128 * 1024 * 1024
 _PARQUET_MAGIC = b"PAR1"
 
 
@@ -331,9 +333,10 @@ class ProtocolAlias(_ReadOnly):
     def inner(self, path: str) -> str:
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
 
-    def prefetch_footers(self, threads: int) -> None:
-        """Reads the footer of every listed file, ``threads`` at a time. A file that cannot be read
-        now is left to DuckDB, which reports it as it does any other."""
+    def prefetch_footers(self, threads: int, budget_bytes: int = FOOTER_PREFETCH_BUDGET_BYTES) -> None:
+        """Reads the footer of each listed file, ``threads`` at a time, until ``budget_bytes`` are
+        held (the files beyond it DuckDB reads itself, as any unlisted file). A file that cannot be
+        read now is left to DuckDB, which reports it as it does any other."""
 
         def footer(path: str) -> tuple[str, bytes | None]:
             try:
@@ -341,13 +344,24 @@ class ProtocolAlias(_ReadOnly):
             except OSError:
                 return path, None
 
-        pending = [p for p in self._listed if p not in self._footers]
+        pending: list[str] = []
+        budget = budget_bytes
+        for path, listed in self._listed.items():
+            budget -= min(listed.size, FOOTER_PREFETCH_BYTES)
+            if budget < 0:
+                break
+            if path not in self._footers:
+                pending.append(path)
         if not pending:
             return
         with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
             for path, data in pool.map(footer, pending):
                 if data is not None:
                     self._footers[path] = data
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return sum(len(footer) for footer in self._footers.values())
 
     def _read_footer(self, path: str, size: int) -> bytes | None:
         handle = self._open_uncached(path)

@@ -26,13 +26,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from datalake.azure import AzureBlobResource
 from datalake.lake import DuckDBResource, ParquetPaths
 from datalake.storage import (
+    FOOTER_PREFETCH_BYTES,
     INPROGRESS_MARKER,
     ArrowReads,
     LakeStorage,
+    ListedFile,
+    ProtocolAlias,
     _PositionalFile,
     is_visible_name,
     parse_root,
@@ -768,3 +772,22 @@ def test_a_listing_carries_modification_times_so_the_latest_file_costs_no_reques
     monkeypatch.setattr(storage.fs, "modified", no_request)
     monkeypatch.setattr(storage.fs, "info", no_request)
     assert latest_file(storage, files) == f"{day}/t_run-a.parquet"
+
+
+def test_footer_prefetch_stops_at_its_budget_and_duckdb_reads_the_rest_itself(tmp_path: Path) -> None:
+    """An input of very many files holds at most the budget's footers in memory."""
+    sizes: dict[str, int] = {}
+    for n in range(3):
+        path = tmp_path / f"part-{n}.parquet"
+        pq.write_table(pa.table({"id": list(range(n * 10, n * 10 + 10))}), path)
+        sizes[str(path)] = path.stat().st_size
+    assert all(size < FOOTER_PREFETCH_BYTES for size in sizes.values())  # each read whole
+    listed = {path: ListedFile(size, time.time()) for path, size in sizes.items()}
+    alias = ProtocolAlias(LocalFileSystem(), "budgeted", listed)
+    first_two = sum(list(sizes.values())[:2])
+    alias.prefetch_footers(threads=2, budget_bytes=first_two)
+    assert alias.prefetched_bytes == first_two
+    con = duckdb.connect()
+    con.register_filesystem(alias)
+    relation = con.read_parquet([f"budgeted://{path}" for path in sizes], union_by_name=True)
+    assert relation.aggregate("count(*), sum(id)").fetchall() == [(30, sum(range(30)))]

@@ -53,6 +53,7 @@ from datalake.lake import (
 )
 from datalake.storage import AzureAccess, LakeStorage
 from datalake.watermark import (
+    WATERMARK_COLUMN_KEY,
     WATERMARK_KEY,
     committed_text,
     committing_record,
@@ -226,6 +227,10 @@ def _not_behind(context: dg.OutputContext, obj: Extraction, mine: str) -> str:
     if record is None:
         return mine
     theirs = committed_text(record)
+    materialization = record.asset_materialization
+    column = materialization.metadata.get(WATERMARK_COLUMN_KEY) if materialization else None
+    if column is not None and str(column.value) != spec.cursor.column:
+        return mine  # a watermark of another cursor column (checked when this run started)
     try:
         newer = decode_watermark(theirs, spec.cursor.kind) > decode_watermark(mine, spec.cursor.kind)
     except ValueError:  # another cursor kind: this run's (it was checked when the run started)
@@ -268,6 +273,8 @@ class BronzeIOManager(_LakeRoot):
         if obj.watermark is not None:
             # The commit: recorded only because the file above is durably in place.
             metadata[WATERMARK_KEY] = _not_behind(context, obj, encode_watermark(obj.watermark))
+            if obj.spec.cursor is not None:
+                metadata[WATERMARK_COLUMN_KEY] = obj.spec.cursor.column
         context.add_output_metadata(metadata)
 
     def load_input(self, context: dg.InputContext) -> Any:

@@ -65,6 +65,8 @@ def committed_text(record: dg.EventLogRecord) -> str:
 
 
 SOURCE_KEY = "datalake/source"
+# The cursor column a committed watermark is a value of (recorded with it since this was added).
+WATERMARK_COLUMN_KEY = "datalake/watermark_column"
 
 
 def source_kind(described: str) -> str:
@@ -83,10 +85,12 @@ class WatermarkResource(dg.ConfigurableResource):
         *,
         table: str,
         source: str,
+        column: str | None = None,
     ) -> Any:
         """The committed watermark, refused (naming ``table``) when it cannot be this run's start:
         written reading another kind of source (the demo's, then MySQL's: its rows below the
-        demo's watermark were never read), or not a value of the registry's cursor kind."""
+        demo's watermark were never read), a value of another cursor ``column`` than the
+        registry's now, or not a value of the registry's cursor kind."""
         from datalake.extract import NotRetryable
 
         record = committing_record(instance, asset_key)
@@ -103,9 +107,19 @@ class WatermarkResource(dg.ConfigurableResource):
                 "(make clean-lake, or other DATALAKE_ROOT_* and DAGSTER_HOME)"
             )
         try:
-            return decode_watermark(text, kind)
+            value = decode_watermark(text, kind)
         except ValueError:
             raise NotRetryable(
                 f"{table}: the committed watermark {text!r} is not a value of a {kind.value} cursor "
                 f"(the registry's cursor changed?); {reset}"
             ) from None
+        stored_column = materialization.metadata.get(WATERMARK_COLUMN_KEY) if materialization else None
+        if column is not None and stored_column is not None and str(stored_column.value) != column:
+            # Same kind, another column: rows whose new cursor lies below the watermark while the
+            # old one did not (an update to an old row, for created_at → updated_at) were never read.
+            raise NotRetryable(
+                f"{table}: the committed watermark {text} is a value of cursor column "
+                f"{stored_column.value!r}, and the registry's cursor is now {column!r}: rows whose "
+                f"{column} lies below it were not all read; {reset}"
+            )
+        return value

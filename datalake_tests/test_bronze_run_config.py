@@ -13,7 +13,7 @@ from datalake.assets.bronze import BronzeRunConfig, RunConfigError, plan_window
 from datalake.extract import WindowKind
 from datalake.settings import resolve_settings
 from datalake.specs import TableSpec
-from datalake.watermark import WATERMARK_KEY
+from datalake.watermark import WATERMARK_COLUMN_KEY, WATERMARK_KEY
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
 
 TODAY = dt.date(2024, 5, 10)
@@ -219,6 +219,32 @@ def test_a_watermark_of_another_cursor_kind_fails_at_once_until_a_full_refresh(
     assert "mode: full_refresh" in message
     full = h.run("events", config={"mode": "full_refresh"})
     assert meta(full, "dagster/row_count") == 2
+    assert meta(h.run("events"), "datalake/window_lo") == meta(full, WATERMARK_KEY)
+
+
+def test_a_watermark_of_another_cursor_column_fails_at_once_until_a_full_refresh(
+    retrying: BronzeHarness,
+) -> None:
+    """created_at → updated_at, both timestamps: continuing from created_at's watermark would never
+    read an update made to an old row before it (found by a review: silver kept the old value)."""
+    h = retrying
+    _events(h, cursor={"column": "created_at"})
+    first = h.run("events")
+    assert meta(first, WATERMARK_COLUMN_KEY) == "created_at"
+    # An old row updated: its created_at stays below the watermark, its updated_at does not.
+    h.sql(f"UPDATE {SCHEMA}.events SET payload = 'a2', updated_at = NOW(6) WHERE payload = 'a'")
+    second = h.run("events")
+    assert meta(second, "dagster/row_count") == 0
+    h.tables[-1] = {**h.tables[-1], "cursor": {"column": "updated_at"}}
+    message = _failed_once(h, "events")
+    assert (
+        f"edge_test.events: the committed watermark {meta(second, WATERMARK_KEY)} is a value of cursor "
+        "column 'created_at', and the registry's cursor is now 'updated_at'"
+    ) in message
+    assert "mode: full_refresh" in message
+    full = h.run("events", config={"mode": "full_refresh"})
+    assert meta(full, WATERMARK_COLUMN_KEY) == "updated_at"
+    assert meta(full, "dagster/row_count") == 2  # 'a2' among them
     assert meta(h.run("events"), "datalake/window_lo") == meta(full, WATERMARK_KEY)
 
 

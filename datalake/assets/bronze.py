@@ -215,6 +215,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
                     spec.cursor.kind,  # type: ignore[union-attr]
                     table=spec.qualified_name,
                     source=v3_source.describe(),
+                    column=spec.cursor.column,  # type: ignore[union-attr]
                 ),
                 today=_today(context, settings),
             )

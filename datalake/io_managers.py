@@ -44,6 +44,7 @@ from datalake.lake import (
     bronze_file,
     bronze_partition_of,
     bronze_prefix,
+    check_columns_agree,
     loaded_class,
     output_metadata,
     schema_from_metadata,
@@ -149,6 +150,23 @@ def _scan(storage: LakeStorage, files: Sequence[str]) -> pl.LazyFrame:
         source, options = storage.polars_source(relative)
         scans.append(pl.scan_parquet(source, storage_options=options, glob=False))  # a file, not a pattern
     return scans[0] if len(scans) == 1 else pl.concat(scans, how="diagonal_relaxed")
+
+
+def _check_polars_reads(storage: LakeStorage, files: Sequence[str], what: str) -> None:
+    """Refuses what a polars load would silently read as something else: files whose column means
+    another kind of value in one than another (``check_columns_agree``: polars' relaxed concat made
+    an INT and a DATETIME one Int64), and decimals of more than 38 digits (polars' limit; its own
+    error named neither the asset nor the column)."""
+    schemas = storage.read_schemas(files, storage.footers(files))
+    check_columns_agree(what, schemas)
+    for file, schema in schemas.items():
+        for f in schema:
+            if pa.types.is_decimal(f.type) and f.type.precision > 38:
+                raise ValueError(
+                    f"{what}: column {f.name!r} is {f.type} in {file}, and polars holds decimals of at "
+                    "most 38 digits; read this input as a DuckDB path input (input_manager_key="
+                    "'duckdb_path_input_manager', annotated ParquetPaths), which reads it as DOUBLE"
+                )
 
 
 def _empty(schema: pa.Schema) -> pl.LazyFrame:
@@ -280,6 +298,7 @@ class BronzeIOManager(_LakeRoot):
     def load_input(self, context: dg.InputContext) -> Any:
         storage = self.storage()
         files, all_files, keys = _bronze_listing(storage, context)
+        _check_polars_reads(storage, files, context.asset_key.to_user_string())
         wanted = _wanted(context)
         # A dict when asked for, or (unannotated) when several partitions are mapped: as silver.
         if keys is None or not (wanted.as_dict or (wanted.as_dict is None and len(keys) > 1)):
@@ -329,7 +348,7 @@ def _with_tombstones(
         files=tuple(storage.reader_path(f) for f in existing),
         schema=obj.schema,
         filesystem=storage.scan_fs,
-        listed=storage.listed(existing),
+        footers=storage.footers(existing),
     )
     reconcile = obj.reconcile
     return itertools.chain(
@@ -378,12 +397,17 @@ def _paths(
 ) -> ParquetPaths:
     # Schema from the mapped files when there are any, else from any file of the asset, else metadata.
     candidates = files or all_files
+    footers = storage.footers(files)
     row_bytes = None
     if candidates:
-        schema, footer = storage.read_footer(latest_file(storage, candidates))
+        schema, footer = storage.read_footer(latest_file(storage, candidates), footers)
         row_bytes = average_row_bytes(footer)
     else:
         schema = resolve_schema(storage, context, candidates)
+    # Every file's columns, not only the newest's: a column may be gone from it (dropped in the
+    # source, or excluded) and still be in older files, which DuckDB reads with the rest.
+    schemas = storage.read_schemas(files, footers) or {"": schema}
+    what = context.asset_key.to_user_string()
     paths = ParquetPaths(
         asset_key=context.asset_key,
         files=tuple(storage.reader_path(f) for f in files),
@@ -391,23 +415,25 @@ def _paths(
         partition_keys=keys,
         filesystem=storage.scan_fs,
         row_bytes=row_bytes,
-        listed=storage.listed(files),
+        footers=footers,
+        durations=check_columns_agree(what, schemas),
     )
     STEP_INPUT_WIDTHS.record(context, paths)
-    for name, what in duckdb_stand_ins(schema):
-        context.log.warning(f"{context.asset_key.to_user_string()}: column {name!r} {what}")
+    for name, stand_in in duckdb_stand_ins(schemas.values()):
+        context.log.warning(f"{what}: column {name!r} {stand_in}")
     return paths
 
 
-def duckdb_stand_ins(schema: pa.Schema) -> list[tuple[str, str]]:
-    """Columns DuckDB cannot read as they are typed, and what it reads them as."""
-    found = []
-    for f in schema:
-        if pa.types.is_decimal(f.type) and f.type.precision > 38:
-            found.append(
-                (f.name, f"is {f.type}: DuckDB reads decimals of more than 38 digits as DOUBLE (approximate)")
-            )
-    return found
+def duckdb_stand_ins(schemas: Iterable[pa.Schema]) -> list[tuple[str, str]]:
+    """Columns DuckDB cannot read as they are typed (in any of the files), and what it reads them as."""
+    found: dict[str, str] = {}
+    for schema in schemas:
+        for f in schema:
+            if pa.types.is_decimal(f.type) and f.type.precision > 38 and f.name not in found:
+                found[f.name] = (
+                    f"is {f.type}: DuckDB reads decimals of more than 38 digits as DOUBLE (approximate)"
+                )
+    return list(found.items())
 
 
 class _StepInputWidths:
@@ -555,6 +581,8 @@ class ParquetIOManager(_LakeRoot):
                 f"{', '.join(missing) or '(unpartitioned)'}; loading them as empty frames"
             )
             schema = resolve_schema(storage, context, present)
+        loaded = [relative for key, relative in targets.items() if key not in missing]
+        _check_polars_reads(storage, loaded, context.asset_key.to_user_string())
         for key, relative in targets.items():
             frames[key] = _scan(storage, [relative]) if key not in missing else _empty(schema)  # type: ignore[arg-type]
         if keys is None:

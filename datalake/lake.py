@@ -13,7 +13,6 @@ import base64
 import concurrent.futures
 import contextlib
 import datetime as dt
-import itertools
 import os
 import re
 import sys
@@ -34,7 +33,6 @@ from datalake.storage import (
     SPLIT_AZURE_BLOCK_SIZE,
     AtomicGroup,
     LakeStorage,
-    ListedFile,
     ProtocolAlias,
     safe_segment,
 )
@@ -726,8 +724,6 @@ def output_metadata(written: WriteResult, *, partitioned: bool = False) -> dict[
 
 # A DuckDB variable on each DuckDBResource connection: the threads it wants for remote reads.
 REMOTE_THREADS_VARIABLE = "datalake_remote_threads"
-# Numbers the path handles: each reads its files on a connection under a protocol of its own.
-_HANDLE_NUMBERS = itertools.count(1)
 
 
 class DuckDBResource(dg.ConfigurableResource):
@@ -828,13 +824,12 @@ class ParquetPaths:
     filesystem: fsspec.AbstractFileSystem | None = field(default=None, compare=False)
     # Average bytes of a row (uncompressed, from the newest file's footer): sizes what reads the output.
     row_bytes: int | None = field(default=None, compare=False)
-    # On Azure: what the listing said of ``files`` (``LakeStorage.listed``), so that DuckDB's scan
-    # asks Azure nothing the listing answered (see ``ProtocolAlias``).
-    listed: Mapping[str, ListedFile] = field(default_factory=dict, compare=False, repr=False)
-    # The protocol this handle's files are read under on a connection (one per handle: its listing).
-    _protocol: str = field(
-        default_factory=lambda: f"datalake{next(_HANDLE_NUMBERS):x}", init=False, compare=False, repr=False
-    )
+    # On Azure: what DuckDB reads ``files`` through, their footers already fetched and what their
+    # listing said at hand (``LakeStorage.footers``), so DuckDB asks Azure nothing more of them.
+    footers: ProtocolAlias | None = field(default=None, compare=False, repr=False)
+    # Columns that are durations, and their unit, in the files that have them (all files'
+    # schemas; ``check_columns_agree``). None: those of ``schema``.
+    durations: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_empty(self) -> bool:
@@ -847,13 +842,11 @@ class ParquetPaths:
         if self.filesystem is not None:
             # DuckDB routes paths to a registered filesystem by protocol alone: each input's
             # filesystem (its root's account and credential) is registered under one of its own.
-            protocol = self._protocol
+            alias = self.footers or ProtocolAlias(self.filesystem, f"datalake{id(self.filesystem):x}")
+            protocol = alias.protocol[0]
             if not con.filesystem_is_registered(protocol):
-                alias = ProtocolAlias(self.filesystem, protocol, self.listed)
-                threads = _tune_for_remote_reads(con)
-                # The footers DuckDB reads one by one to bind the scan, fetched all at once.
-                alias.prefetch_footers(threads)
                 con.register_filesystem(alias)
+                _tune_for_remote_reads(con)
             files = [f"{protocol}://{f.split('://', 1)[1]}" for f in files]
         # hive_partitioning off: the files' own columns are the schema, the same whether or not
         # any file exists (bronze paths carry ingestion_date=… directories).
@@ -861,10 +854,15 @@ class ParquetPaths:
         # A duration (bronze's MySQL TIME) is a plain INT64 to DuckDB's Parquet reader: made the
         # INTERVAL it is (as DuckDB reads it from Arrow, for an empty input), which the Parquet IO
         # manager writes back as duration[us].
+        units = (
+            self.durations
+            if self.durations is not None
+            else {f.name: f.type.unit for f in self.schema if pa.types.is_duration(f.type)}
+        )
         durations = [
-            _DURATION_AS_INTERVAL[f.type.unit].format(quote_identifier(f.name))
-            for f in self.schema
-            if pa.types.is_duration(f.type) and f.name in relation.columns
+            _DURATION_AS_INTERVAL[unit].format(quote_identifier(name))
+            for name, unit in units.items()
+            if name in relation.columns
         ]
         return relation.project(f"* REPLACE ({', '.join(durations)})") if durations else relation
 
@@ -875,16 +873,58 @@ class ParquetPaths:
         return relation
 
 
-def _tune_for_remote_reads(con: duckdb.DuckDBPyConnection) -> int:
+def _tune_for_remote_reads(con: duckdb.DuckDBPyConnection) -> None:
     """Prefetching back on, and at least the ``remote_threads`` of the DuckDBResource that made
-    ``con`` (none: threads unchanged). Returns the connection's threads."""
+    ``con`` (none: threads unchanged)."""
     con.execute("SET disable_parquet_prefetching = false")
     wanted = con.sql(f"SELECT getvariable('{REMOTE_THREADS_VARIABLE}')").fetchall()[0][0]
-    current = int(con.sql("SELECT current_setting('threads')").fetchall()[0][0])
-    if wanted and int(wanted) > current:
+    current = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
+    if wanted and int(wanted) > int(current):
         con.execute(f"SET threads = {int(wanted)}")
-        return int(wanted)
-    return current
+
+
+def _kind(t: pa.DataType) -> str | None:
+    """What a column's values mean, as far as reading files together goes (None: read as a common
+    type, e.g. text with anything becomes text, which DuckDB and polars both do)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_date(t) or pa.types.is_timestamp(t):
+        return "an instant or date"
+    if pa.types.is_time(t):
+        return "a time of day"
+    if pa.types.is_duration(t):
+        return f"a duration in {t.unit}"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t):
+        return "a number"
+    return None
+
+
+def check_columns_agree(what: str, schemas: Mapping[str, pa.Schema]) -> dict[str, str]:
+    """Refuses files of one asset whose column means another kind of value in one than in another
+    (a source's INT changed to DATETIME or TIME between bronze runs): read together by name,
+    DuckDB and polars take one for the other — an instant as its microseconds, a duration as a
+    plain number — or fail with a cast error. Returns the duration columns and their unit."""
+    kinds: dict[str, dict[str, str]] = {}  # column → kind → the first file with it
+    for file, schema in schemas.items():
+        for f in schema:
+            kind = _kind(f.type)
+            if kind is not None:
+                kinds.setdefault(f.name, {}).setdefault(kind, file)
+    for column, found in kinds.items():
+        if len(found) > 1:
+            (first, first_file), (other, other_file) = list(found.items())[:2]
+            raise ValueError(
+                f"{what}: column {column!r} is {first} in {first_file} but {other} in {other_file}; read "
+                "together, one would be taken for the other. Rewrite the older files (for bronze: move "
+                "the table's files away and run it with mode: full_refresh) or leave the column out "
+                "(bronze: exclude_columns)"
+            )
+    return {
+        column: kind.removeprefix("a duration in ")
+        for column, found in kinds.items()
+        for kind in found
+        if kind.startswith("a duration in ")
+    }
 
 
 def record_batches(

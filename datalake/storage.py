@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import io
+import itertools
 import os
 import posixpath
 import re
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 from urllib.parse import urlparse
@@ -294,7 +295,11 @@ class ListedFile:
 FOOTER_PREFETCH_BYTES = 16 * 1024
 # What one input's prefetched footers may hold: 8,192 files' worth (more are read by DuckDB itself).
 FOOTER_PREFETCH_BUDGET_BYTES = 128 * 1024 * 1024
+# Footers fetched at once for one input (each thread waits on one request at a time).
+FOOTER_PREFETCH_THREADS = 16
 _PARQUET_MAGIC = b"PAR1"
+# Numbers the aliases: each input's files are read on a connection under a protocol of its own.
+_ALIAS_NUMBERS = itertools.count(1)
 
 
 class ProtocolAlias(_ReadOnly):
@@ -362,6 +367,14 @@ class ProtocolAlias(_ReadOnly):
     @property
     def prefetched_bytes(self) -> int:
         return sum(len(footer) for footer in self._footers.values())
+
+    def footer(self, path: str) -> tuple[pa.Schema, pq.FileMetaData] | None:
+        """The Arrow schema and footer of a file whose footer was prefetched (``path`` as listed)."""
+        tail = self._footers.get(self.inner(_without_scheme(path)))
+        if not tail:
+            return None
+        parquet = pq.ParquetFile(pa.BufferReader(tail))  # a footer's offsets count from the end
+        return parquet.schema_arrow, parquet.metadata
 
     def _read_footer(self, path: str, size: int) -> bytes | None:
         handle = self._open_uncached(path)
@@ -615,14 +628,37 @@ class LakeStorage:
         with self.open_read(relative) as handle:
             return pq.read_metadata(handle)
 
-    def read_footer(self, relative: str) -> tuple[pa.Schema, pq.FileMetaData]:
-        """The Arrow schema and the Parquet footer, from one read of the file's end."""
+    def read_footer(
+        self, relative: str, footers: ProtocolAlias | None = None
+    ) -> tuple[pa.Schema, pq.FileMetaData]:
+        """The Arrow schema and the Parquet footer: from ``footers`` where it holds the file's,
+        else from one read of the file's end."""
+        found = footers.footer(self.reader_path(relative)) if footers is not None else None
+        if found is not None:
+            return found
         with self.open_read(relative) as handle:
             parquet = pq.ParquetFile(handle)
             return parquet.schema_arrow, parquet.metadata
 
     def read_schema(self, relative: str) -> pa.Schema:
         return self.read_footer(relative)[0]
+
+    def footers(self, relatives: Sequence[str]) -> ProtocolAlias | None:
+        """On Azure, what DuckDB reads ``relatives`` through, their footers fetched at once
+        (``ProtocolAlias``; it answers from the last listing). None for local and NFS roots."""
+        if not self.root.is_azure or not relatives:
+            return None
+        fs = self.scan_fs
+        assert fs is not None
+        alias = ProtocolAlias(fs, f"datalake{next(_ALIAS_NUMBERS):x}", self.listed(relatives))
+        alias.prefetch_footers(FOOTER_PREFETCH_THREADS)
+        return alias
+
+    def read_schemas(
+        self, relatives: Sequence[str], footers: ProtocolAlias | None = None
+    ) -> dict[str, pa.Schema]:
+        """Each file's Arrow schema: from ``footers`` where it holds the file's, else read."""
+        return {relative: self.read_footer(relative, footers)[0] for relative in relatives}
 
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -417,6 +417,7 @@ def _paths(
         row_bytes=row_bytes,
         footers=footers,
         durations=check_columns_agree(what, schemas),
+        file_schemas={storage.reader_path(f): schemas[f] for f in files},
     )
     STEP_INPUT_WIDTHS.record(context, paths)
     for name, stand_in in duckdb_stand_ins(schemas.values()):

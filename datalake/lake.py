@@ -830,10 +830,17 @@ class ParquetPaths:
     # Columns that are durations, and their unit, in the files that have them (all files'
     # schemas; ``check_columns_agree``). None: those of ``schema``.
     durations: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
+    # Each file's schema, by its entry in ``files``, where the input manager read them.
+    file_schemas: Mapping[str, pa.Schema] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_empty(self) -> bool:
         return not self.files
+
+    def files_without(self, columns: Sequence[str]) -> list[str]:
+        """The files that lack any of ``columns`` (read by name, they give NULL there)."""
+        schemas = self.file_schemas or {}
+        return [f for f in self.files if f in schemas and not set(columns) <= set(schemas[f].names)]
 
     def relation(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
         if not self.files:

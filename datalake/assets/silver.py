@@ -106,6 +106,16 @@ def build_current_state_asset(spec: TableSpec) -> dg.AssetsDefinition:
         metadata={"datalake/primary_key": ", ".join(spec.primary_key)},
     )
     def _current(duckdb_resource: DuckDBResource, bronze: ParquetPaths) -> Relation:
+        keyless = bronze.files_without(spec.primary_key)
+        if keyless:
+            # Their rows would all share one NULL key: one of them "current", the rest gone.
+            raise dg.Failure(
+                f"{spec.qualified_name}: {len(keyless)} bronze file(s) have no column "
+                f"{', '.join(spec.primary_key)} of the primary key (the first: {keyless[0]}), written "
+                "before the key column was renamed or added. Move the table's bronze files away and "
+                "run it with mode: full_refresh, which reads every row again under the new key",
+                allow_retries=False,
+            )
         con = duckdb_resource.connect()
         return current_state(bronze.relation(con), spec)
 

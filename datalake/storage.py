@@ -293,7 +293,8 @@ class ListedFile:
 # Bytes kept from the end of each file: its Parquet footer, and at least what DuckDB reads to get
 # it (the last 16 KiB, then the rest of a longer footer): one request for most files.
 FOOTER_PREFETCH_BYTES = 16 * 1024
-# What one input's prefetched footers may hold: 8,192 files' worth (more are read by DuckDB itself).
+# What one input's prefetched footers may hold: 8,192 files of footers up to 16 KiB (the files
+# beyond it are read by DuckDB itself).
 FOOTER_PREFETCH_BUDGET_BYTES = 128 * 1024 * 1024
 # Footers fetched at once for one input (each thread waits on one request at a time).
 FOOTER_PREFETCH_THREADS = 16
@@ -339,30 +340,35 @@ class ProtocolAlias(_ReadOnly):
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
 
     def prefetch_footers(self, threads: int, budget_bytes: int = FOOTER_PREFETCH_BUDGET_BYTES) -> None:
-        """Reads the footer of each listed file, ``threads`` at a time, until ``budget_bytes`` are
-        held (the files beyond it DuckDB reads itself, as any unlisted file). A file that cannot be
-        read now is left to DuckDB, which reports it as it does any other."""
+        """Reads the footer of each listed file, ``threads`` at a time, while they hold less than
+        ``budget_bytes`` (the files beyond it DuckDB reads itself, as any unlisted file). A file that
+        cannot be read now is left to DuckDB, which reports it as it does any other, naming it."""
+        lock = threading.Lock()
+        held = self.prefetched_bytes
 
-        def footer(path: str) -> tuple[str, bytes | None]:
+        def fetch(path: str) -> None:
+            nonlocal held
+            with lock:
+                if held >= budget_bytes:
+                    return
             try:
-                return path, self._read_footer(path, self._listed[path].size)
-            except OSError:
-                return path, None
+                data = self._read_footer(path, self._listed[path].size)
+            except Exception:  # adlfs raises more than OSError (ValueError, the SDK's own errors)
+                return
+            if data is None:
+                return
+            with lock:
+                if held + len(data) <= budget_bytes:
+                    self._footers[path] = data
+                    held += len(data)
+                else:
+                    held = budget_bytes  # full: no more fetched
 
-        pending: list[str] = []
-        budget = budget_bytes
-        for path, listed in self._listed.items():
-            budget -= min(listed.size, FOOTER_PREFETCH_BYTES)
-            if budget < 0:
-                break
-            if path not in self._footers:
-                pending.append(path)
+        pending = [path for path in self._listed if path not in self._footers]
         if not pending:
             return
         with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
-            for path, data in pool.map(footer, pending):
-                if data is not None:
-                    self._footers[path] = data
+            list(pool.map(fetch, pending))
 
     @property
     def prefetched_bytes(self) -> int:
@@ -377,6 +383,8 @@ class ProtocolAlias(_ReadOnly):
         return parquet.schema_arrow, parquet.metadata
 
     def _read_footer(self, path: str, size: int) -> bytes | None:
+        if size < 12:  # not a Parquet file (magic, footer length, magic): DuckDB says so
+            return None
         handle = self._open_uncached(path)
         try:
             if handle.size != size:

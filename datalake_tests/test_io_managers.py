@@ -972,6 +972,29 @@ def test_a_footer_longer_than_duckdb_reads_at_once_is_prefetched_whole(
     assert counts["metadata"] == 0
 
 
+@pytest.mark.parametrize("reader", ["arrow", "adlfs"])
+def test_a_file_that_is_not_parquet_is_reported_by_duckdb_naming_it(
+    azurite_server: AzuriteServer, reader: Literal["arrow", "adlfs"]
+) -> None:
+    """The footer prefetch leaves what it cannot read to DuckDB (adlfs raised a bare ValueError
+    for an empty file, out of the prefetch)."""
+    ensure_container(azurite_server)
+    storage = LakeStorage(
+        azure_url(azurite_server, f"t-{uuid.uuid4().hex[:12]}"), key_resource(azurite_server, reader)
+    )
+    storage.fs.pipe_file(storage.path("e/empty.parquet"), b"")
+    files = storage.list_files("e")
+    paths = ParquetPaths(
+        dg.AssetKey("e"),
+        tuple(storage.reader_path(f) for f in files),
+        pa.schema([("id", pa.int64())]),
+        filesystem=storage.scan_fs,
+        footers=storage.footers(files),
+    )
+    with pytest.raises(duckdb.Error, match=re.escape("e/empty.parquet")):
+        paths.relation(DuckDBResource(memory_limit="1GB").connect()).aggregate("count(*)").fetchall()
+
+
 def test_a_file_replaced_after_its_listing_fails_the_read_by_name(azurite_server: AzuriteServer) -> None:
     """DuckDB would read a replaced file at the listed size's offsets: it fails, naming the file.
     (A file small enough to come whole with its footer is read as it was listed.)"""

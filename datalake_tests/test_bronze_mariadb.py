@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -404,6 +405,43 @@ def test_second_update_within_a_second_across_runs_keeps_both_versions(harness: 
     versions = h.bronze("events").sort_by("updated_at").to_pylist()
     assert [v["payload"] for v in versions] == ["v1", "v2"]
     assert versions[1]["updated_at"] - versions[0]["updated_at"] < dt.timedelta(seconds=1)
+
+
+def test_an_update_stamped_by_now_in_the_second_of_hi_is_read_with_a_lag_of_one_second(
+    harness: BronzeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``NOW()`` stamps whole seconds, also into a DATETIME(6): an update committed just after
+    ``hi``, in its second, is stamped below it. With a lag under 1 s (a review used 0.1 s) the next
+    window, starting at ``hi``, never read it; with the 1 s the README asks for, it does."""
+    import datalake.extract
+
+    h = harness
+    h.extra_env["DATALAKE_EXTRACT_LAG_SECONDS"] = "1"
+    h.sql(f"CREATE TABLE {SCHEMA}.t (id INT PRIMARY KEY, v VARCHAR(8), updated_at DATETIME(6) NOT NULL)")
+    h.register(table="t", primary_key=["id"], cursor={"column": "updated_at"})
+    h.sql(f"INSERT INTO {SCHEMA}.t VALUES (1, 'v1', NOW(6) - INTERVAL 1 MINUTE)")
+    h.run("t")
+    original = datalake.extract.resolve_bounds
+
+    def resolve(*args: Any, **kwargs: Any) -> Any:
+        # hi taken in the middle of a second; the update commits 0.2 s later, in the same second.
+        while not 0.4 <= float(h.sql("SELECT MICROSECOND(NOW(6)) / 1e6")[0][0]) < 0.6:
+            time.sleep(0.01)
+        bounds = original(*args, **kwargs)
+        update = f"UPDATE {SCHEMA}.t SET v = 'v2', updated_at = NOW() WHERE id = 1"
+        threading.Timer(0.2, lambda: h.sql(update)).start()
+        return bounds
+
+    monkeypatch.setattr(datalake.extract, "resolve_bounds", resolve)
+    first = h.run("t")
+    monkeypatch.setattr(datalake.extract, "resolve_bounds", original)
+    time.sleep(2.3)  # the update, then the lag
+    second = h.run("t")
+    stamped = h.sql(f"SELECT updated_at FROM {SCHEMA}.t")[0][0]
+    assert stamped.microsecond == 0  # NOW(): whole seconds
+    windows = [(meta(m, "datalake/window_lo"), meta(m, "datalake/window_hi")) for m in (first, second)]
+    assert meta(second, "dagster/row_count") == 1, (stamped, windows)
+    assert "v2" in h.bronze("t").column("v").to_pylist()
 
 
 def test_late_commit_is_read_by_a_later_run(harness: BronzeHarness) -> None:

@@ -697,6 +697,13 @@ def resolve_bounds(
         if hi is None or hi > safe:
             hi = safe if lo is None or safe >= lo else lo
     elif spec.cursor.kind is CursorKind.TIMESTAMP:
+        if lag < dt.timedelta(seconds=1) and dialect.name == "mysql":
+            (warn or log)(
+                f"{spec.qualified_name}: the extraction lag is {lag.total_seconds():g} s: a row stamped by "
+                "NOW() (whole seconds, also in a DATETIME(6)) in this window's last second, after its "
+                "hi, lands below the next window's start and is never read; set "
+                "DATALAKE_EXTRACT_LAG_SECONDS to 1 or more"
+            )
         if lo is not None:
             lo = _in_cursor_precision(lo, plan.table.c[spec.cursor.column].type, conn.dialect.name)
         hi = cap if lo is None or cap >= lo else lo

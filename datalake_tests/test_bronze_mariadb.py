@@ -444,6 +444,23 @@ def test_an_update_stamped_by_now_in_the_second_of_hi_is_read_with_a_lag_of_one_
     assert "v2" in h.bronze("t").column("v").to_pylist()
 
 
+@pytest.mark.parametrize(("lag", "warned"), [("0.1", True), ("1", False)])
+def test_a_lag_under_one_second_warns_in_each_run(harness: BronzeHarness, lag: str, warned: bool) -> None:
+    h = harness
+    h.extra_env["DATALAKE_EXTRACT_LAG_SECONDS"] = lag
+    _events(h)
+    h.run("events")
+    run = h.instance.get_runs(limit=1)[0]
+    warnings = [
+        e.user_message
+        for e in h.instance.all_logs(run.run_id)
+        if e.level == logging.WARNING and "set DATALAKE_EXTRACT_LAG_SECONDS to 1 or more" in e.user_message
+    ]
+    assert bool(warnings) is warned
+    if warned:
+        assert warnings[0].startswith("edge_test.events: the extraction lag is 0.1 s: a row stamped by NOW()")
+
+
 def test_late_commit_is_read_by_a_later_run(harness: BronzeHarness) -> None:
     h = harness
     _events(h)

@@ -837,6 +837,14 @@ class ParquetPaths:
     def is_empty(self) -> bool:
         return not self.files
 
+    def _one_schema(self) -> bool:
+        """Whether every file is known to have the same columns, in the same order, of the same types."""
+        schemas = self.file_schemas
+        if not schemas or any(f not in schemas for f in self.files):
+            return False
+        shapes = {tuple((c.name, c.type) for c in schemas[f]) for f in self.files}
+        return len(shapes) == 1
+
     def files_without(self, columns: Sequence[str]) -> list[str]:
         """The files that lack any of ``columns`` (read by name, they give NULL there)."""
         schemas = self.file_schemas or {}
@@ -856,8 +864,9 @@ class ParquetPaths:
                 _tune_for_remote_reads(con)
             files = [f"{protocol}://{f.split('://', 1)[1]}" for f in files]
         # hive_partitioning off: the files' own columns are the schema, the same whether or not
-        # any file exists (bronze paths carry ingestion_date=… directories).
-        relation = con.read_parquet(files, union_by_name=True, hive_partitioning=False)
+        # any file exists (bronze paths carry ingestion_date=… directories). Files of one schema
+        # need no union by name, whose bind parses every footer in turn (~1.6 ms of 2.7 for 30).
+        relation = con.read_parquet(files, union_by_name=not self._one_schema(), hive_partitioning=False)
         # A duration (bronze's MySQL TIME) is a plain INT64 to DuckDB's Parquet reader: made the
         # INTERVAL it is (as DuckDB reads it from Arrow, for an empty input), which the Parquet IO
         # manager writes back as duration[us].

@@ -793,3 +793,29 @@ def test_footer_prefetch_stops_at_its_budget_and_duckdb_reads_the_rest_itself(tm
     con.register_filesystem(alias)
     relation = con.read_parquet([f"budgeted://{path}" for path in listed], union_by_name=True)
     assert relation.aggregate("count(*), sum(id)").fetchall() == [(6 * 700, 6 * sum(range(700)))]
+
+
+def test_path_inputs_of_one_schema_skip_the_union_by_name_and_read_the_same(tmp_path: Path) -> None:
+    """Binding a union by name parses every footer in turn; files known to agree need none."""
+    same = pa.schema([("id", pa.int64()), ("v", pa.string())])
+    wider = same.append(pa.field("extra", pa.float64()))
+    paths: list[str] = []
+    for n, schema in enumerate([same, same, wider]):
+        path = tmp_path / f"part-{n}.parquet"
+        columns: dict[str, list[Any]] = {"id": [n], "v": [f"v{n}"]} | (
+            {"extra": [1.5]} if schema is wider else {}
+        )
+        pq.write_table(pa.table(columns, schema=schema), path)
+        paths.append(str(path))
+
+    def handle(files: list[str]) -> ParquetPaths:
+        return ParquetPaths(
+            dg.AssetKey("t"), tuple(files), same, file_schemas={f: pq.read_schema(f) for f in files}
+        )
+
+    con = duckdb.connect()
+    agreeing, mixed = handle(paths[:2]), handle(paths)
+    assert agreeing._one_schema() and not mixed._one_schema()
+    assert not ParquetPaths(dg.AssetKey("t"), tuple(paths[:2]), same)._one_schema()  # schemas unknown
+    assert sorted(agreeing.relation(con).fetchall()) == [(0, "v0"), (1, "v1")]
+    assert sorted(mixed.relation(con).fetchall()) == [(0, "v0", None), (1, "v1", None), (2, "v2", 1.5)]

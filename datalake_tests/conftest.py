@@ -111,6 +111,17 @@ def mariadb_settings(
     return resolve_settings(mariadb_env(mariadb_server, tmp_path))
 
 
+def bronze_harness(
+    mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> Iterator[BronzeHarness]:
+    """A fixture's harness with ``reader`` (``auto``: the Arrow reader, MySQL's default; ``rows``)."""
+    # The password reaches the resource as an EnvVar, resolved from the process environment.
+    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
+    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader=reader)
+    yield h
+    h.dispose()
+
+
 @pytest.fixture(params=["arrow", "rows"])
 def harness(
     request: pytest.FixtureRequest,
@@ -119,10 +130,5 @@ def harness(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[BronzeHarness]:
     """Bronze runs against the session's MariaDB, once per reader (``arrow``: the default for MySQL)."""
-    # The password reaches the resource as an EnvVar, resolved from the process environment.
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    h = BronzeHarness(
-        server=mariadb_server, root=tmp_path, reader="auto" if request.param == "arrow" else "rows"
-    )
-    yield h
-    h.dispose()
+    reader = "auto" if request.param == "arrow" else "rows"
+    yield from bronze_harness(mariadb_server, tmp_path, monkeypatch, reader)

@@ -18,6 +18,7 @@ import pytest
 
 from datalake.definitions import build_definitions
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness
+from datalake_tests.conftest import bronze_harness
 from datalake_tests.helpers import check_evaluations
 from datalake_tests.services import MariaDBServer
 
@@ -30,11 +31,7 @@ SILVER_KEYS = ("invoice_current", "invoice_status_current", "invoice_data_curren
 def harness(
     mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[BronzeHarness]:
-    # The password reaches the resource as an EnvVar, resolved from the process environment.
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader="rows")
-    yield h
-    h.dispose()
+    yield from bronze_harness(mariadb_server, tmp_path, monkeypatch, "rows")
 
 
 def _invoice_tables(h: BronzeHarness) -> None:

@@ -22,6 +22,7 @@ from datalake.definitions import build_definitions
 from datalake.io_managers import BronzeIOManager
 from datalake.settings import BRONZE
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness
+from datalake_tests.conftest import bronze_harness
 from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
@@ -32,10 +33,7 @@ def h(
     mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[BronzeHarness]:
     """What reads the files does not depend on the bronze reader: the default one only."""
-    monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    harness = BronzeHarness(server=mariadb_server, root=tmp_path, reader="auto")
-    yield harness
-    harness.dispose()
+    yield from bronze_harness(mariadb_server, tmp_path, monkeypatch, "auto")
 
 
 def _table(h: BronzeHarness, columns: str, rows: str) -> None:

@@ -398,16 +398,19 @@ def _paths(
     # Schema from the mapped files when there are any, else from any file of the asset, else metadata.
     candidates = files or all_files
     footers = storage.footers(files)
+    # Every file's footer, not only the newest's: a column may be gone from it (dropped in the
+    # source, or excluded) and still be in older files, which DuckDB reads with the rest.
+    read = {f: storage.read_footer(f, footers) for f in files}
     row_bytes = None
     if candidates:
-        schema, footer = storage.read_footer(latest_file(storage, candidates), footers)
+        latest = latest_file(storage, candidates)
+        schema, footer = read.get(latest) or storage.read_footer(latest, footers)
         row_bytes = average_row_bytes(footer)
     else:
         schema = resolve_schema(storage, context, candidates)
-    # Every file's columns, not only the newest's: a column may be gone from it (dropped in the
-    # source, or excluded) and still be in older files, which DuckDB reads with the rest.
-    schemas = storage.read_schemas(files, footers) or {"": schema}
+    schemas = {f: file_schema for f, (file_schema, _) in read.items()} or {"": schema}
     what = context.asset_key.to_user_string()
+    check_columns_agree(what, schemas)
     paths = ParquetPaths(
         asset_key=context.asset_key,
         files=tuple(storage.reader_path(f) for f in files),
@@ -416,7 +419,6 @@ def _paths(
         filesystem=storage.scan_fs,
         row_bytes=row_bytes,
         footers=footers,
-        durations=check_columns_agree(what, schemas),
         file_schemas={storage.reader_path(f): schemas[f] for f in files},
     )
     STEP_INPUT_WIDTHS.record(context, paths)

@@ -827,9 +827,6 @@ class ParquetPaths:
     # On Azure: what DuckDB reads ``files`` through, their footers already fetched and what their
     # listing said at hand (``LakeStorage.footers``), so DuckDB asks Azure nothing more of them.
     footers: ProtocolAlias | None = field(default=None, compare=False, repr=False)
-    # Columns that are durations, and their unit, in the files that have them (all files'
-    # schemas; ``check_columns_agree``). None: those of ``schema``.
-    durations: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
     # Each file's schema, by its entry in ``files``, where the input manager read them.
     file_schemas: Mapping[str, pa.Schema] | None = field(default=None, compare=False, repr=False)
 
@@ -870,11 +867,8 @@ class ParquetPaths:
         # A duration (bronze's MySQL TIME) is a plain INT64 to DuckDB's Parquet reader: made the
         # INTERVAL it is (as DuckDB reads it from Arrow, for an empty input), which the Parquet IO
         # manager writes back as duration[us].
-        units = (
-            self.durations
-            if self.durations is not None
-            else {f.name: f.type.unit for f in self.schema if pa.types.is_duration(f.type)}
-        )
+        # Every file's, not only the newest's: a column may be gone from it and still be in older files.
+        units = duration_units(self.file_schemas.values() if self.file_schemas else [self.schema])
         durations = [
             _DURATION_AS_INTERVAL[unit].format(quote_identifier(name))
             for name, unit in units.items()
@@ -915,11 +909,16 @@ def _kind(t: pa.DataType) -> str | None:
     return None
 
 
-def check_columns_agree(what: str, schemas: Mapping[str, pa.Schema]) -> dict[str, str]:
+def duration_units(schemas: Iterable[pa.Schema]) -> dict[str, str]:
+    """The duration columns of ``schemas`` and their unit (``check_columns_agree`` refuses two)."""
+    return {f.name: f.type.unit for schema in schemas for f in schema if pa.types.is_duration(f.type)}
+
+
+def check_columns_agree(what: str, schemas: Mapping[str, pa.Schema]) -> None:
     """Refuses files of one asset whose column means another kind of value in one than in another
     (a source's INT changed to DATETIME or TIME between bronze runs): read together by name,
     DuckDB and polars take one for the other — an instant as its microseconds, a duration as a
-    plain number — or fail with a cast error. Returns the duration columns and their unit."""
+    plain number — or fail with a cast error."""
     kinds: dict[str, dict[str, str]] = {}  # column → kind → the first file with it
     for file, schema in schemas.items():
         for f in schema:
@@ -935,12 +934,6 @@ def check_columns_agree(what: str, schemas: Mapping[str, pa.Schema]) -> dict[str
                 "the table's files away and run it with mode: full_refresh) or leave the column out "
                 "(bronze: exclude_columns)"
             )
-    return {
-        column: kind.removeprefix("a duration in ")
-        for column, found in kinds.items()
-        for kind in found
-        if kind.startswith("a duration in ")
-    }
 
 
 def record_batches(

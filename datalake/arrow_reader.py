@@ -47,7 +47,8 @@ bounds on TIMESTAMP columns compare as UTC instants.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -55,13 +56,21 @@ import pyarrow.compute
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from datalake.extract import READ_AHEAD_BATCHES, ExtractionError, NeedsDateGuards, Paced, Spill, string_array
+from datalake.extract import (
+    READ_AHEAD_BATCHES,
+    ExtractionError,
+    NeedsDateGuards,
+    Paced,
+    Spill,
+    close_source,
+    string_array,
+)
 
 # pyarrow.compute's kernels are generated at import time; type checkers cannot see them.
 pc: Any = pyarrow.compute
 
 if TYPE_CHECKING:
-    from datalake.extract import Plan
+    from datalake.extract import ExtractionStats, Plan
 
 ZERO_DATES_COLUMN = "_datalake_zero_dates"
 
@@ -130,8 +139,17 @@ def _restore(
     return array
 
 
-def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates: bool = False) -> str:
-    """The SELECT for the window, with bounds rendered as literals (connectorx has no bind parameters).
+def statement(
+    dialect: sa.Dialect,
+    plan: Plan,
+    lo: Any,
+    hi: Any,
+    *,
+    guard_dates: bool = False,
+    key_range: tuple[int | None, int | None] | None = None,
+) -> str:
+    """The SELECT for the window (``key_range``: one stream's share of it, see ``Plan.select``),
+    with bounds rendered as literals (connectorx has no bind parameters).
 
     The bounds are values this code computed (datetimes, integers), rendered by SQLAlchemy's
     own literal processors for the dialect; identifiers are quoted by the dialect's preparer.
@@ -156,7 +174,11 @@ def statement(dialect: sa.Dialect, plan: Plan, lo: Any, hi: Any, *, guard_dates:
     if guard_dates and dates:
         count = " + ".join(f"IFNULL({_zero_date(d)}, 0)" for d in dates)
         columns.append(sa.literal_column(f"CAST({count} AS SIGNED)").label(ZERO_DATES_COLUMN))
-    sql = str(plan.select(columns, lo, hi).compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    sql = str(
+        plan.select(columns, lo, hi, key_range).compile(
+            dialect=dialect, compile_kwargs={"literal_binds": True}
+        )
+    )
     if percents:
         sql = sql.replace("%%", "%")
     server = getattr(dialect, "server_version_info", None) or ()
@@ -174,23 +196,32 @@ def stream_arrow(
     lo: Any,
     hi: Any,
     batch_size: int,
-    spill: Spill,
+    stats: ExtractionStats,
     *,
     guard_dates: bool,
+    cuts: Sequence[int] = (),
 ) -> Iterator[tuple[list[pa.Array], int]]:
     """Yields (the batch's columns in their declared types, zero dates nulled in it).
 
-    Paced in the caller's thread; what the caller is not ready for waits in ``spill``.
+    ``cuts``: the window is read in ``len(cuts) + 1`` parallel streams, one per primary-key
+    range between them (see ``key_cuts``), each decoded by connectorx in a thread of its own;
+    their batches come in turn. Paced in the caller's thread; what the caller is not ready for
+    waits on local disk (``Spill``).
     """
     import connectorx as cx
 
-    sql = statement(dialect, plan, lo, hi, guard_dates=guard_dates)
+    ranges = list(zip((None, *cuts), (*cuts, None), strict=True)) if cuts else [None]
+    sqls = [statement(dialect, plan, lo, hi, guard_dates=guard_dates, key_range=r) for r in ranges]
     types = [plan.schema.field(c.name).type for c in plan.columns]
     labels = [None if (e := enum_labels(c)) is None else string_array(e) for c in plan.columns]
     password = _password(url)
+    readers: list[Any] = []
+    streams: list[Iterator[pa.RecordBatch]] = []
     try:
-        reader = cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size)
-        for batch in Paced(iter(reader), READ_AHEAD_BATCHES, spill):
+        for sql in sqls:  # every stream's query starts before the first batch is taken
+            readers.append(cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size))
+            streams.append(iter(Paced(iter(readers[-1]), READ_AHEAD_BATCHES, Spill(stats))))
+        for batch in _in_turn(streams):
             arrays = [_restore(batch.column(i), arrow, labels[i]) for i, arrow in enumerate(types)]
             zero_dates = 0
             if batch.num_columns > len(types):
@@ -209,6 +240,22 @@ def stream_arrow(
         raise ExtractionError(
             f"{plan.spec.qualified_name}: reading from the source failed: {message}"
         ) from None
+    finally:
+        for stream in streams:  # each stops its reader and removes its spill
+            close_source(stream)
+        for reader in readers:
+            close_source(reader)
+
+
+def _in_turn(streams: list[Iterator[pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:
+    """A batch of each stream in turn, until all have ended."""
+    live = deque(streams)
+    while live:
+        stream = live.popleft()
+        batch = next(stream, None)
+        if batch is not None:
+            live.append(stream)
+            yield batch
 
 
 def _password(url: str) -> str | None:

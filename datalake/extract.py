@@ -295,6 +295,8 @@ class ExtractionStats:
     # Batches the writer was not ready for, parked on local disk (see Spill).
     spilled_batches: int = 0
     spilled_bytes: int = 0
+    # Parallel streams the window was read in (see key_cuts).
+    streams: int = 1
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -452,6 +454,7 @@ class Extraction:
             # every cursor window); a backfill over a separate date column holds those by date.
             "datalake/window_rows": stats.rows - (stats.null_cursor_rows if self.over_cursor else 0),
             "datalake/batches": stats.batches,
+            "datalake/streams": stats.streams,
             "datalake/fetch_rows": self.fetch_rows,
             "datalake/spilled_batches": stats.spilled_batches,
             "datalake/spilled_bytes": stats.spilled_bytes,
@@ -482,26 +485,31 @@ class SourceDialect:
             )
         return value
 
-    def table_facts(self, conn: sa.Connection, spec: TableSpec) -> tuple[int | None, bool]:
-        """(the source's estimate of the average row length or None, whether it is a base table).
+    def table_facts(self, conn: sa.Connection, spec: TableSpec) -> tuple[int | None, bool, int | None]:
+        """(the source's estimate of the average row length or None, whether it is a base table,
+        its estimate of the table's rows or None).
 
         A view takes no index hint (MySQL refuses even an empty ``USE INDEX ()`` on one).
         """
         if self.name != "mysql":
-            return None, False
+            return None, False, None
         try:
             row = conn.execute(
                 sa.text(
-                    "SELECT AVG_ROW_LENGTH, TABLE_TYPE FROM information_schema.TABLES "
+                    "SELECT AVG_ROW_LENGTH, TABLE_TYPE, TABLE_ROWS FROM information_schema.TABLES "
                     "WHERE TABLE_SCHEMA = :schema AND TABLE_NAME = :table"
                 ),
                 {"schema": spec.source_schema, "table": spec.table},
             ).first()
         except sqlalchemy.exc.DBAPIError:
-            return None, False
+            return None, False, None
         if row is None:
-            return None, False
-        return (int(row[0]) if row[0] else None), row[1] == "BASE TABLE"
+            return None, False, None
+        return (
+            (int(row[0]) if row[0] else None),
+            row[1] == "BASE TABLE",
+            (None if row[2] is None else int(row[2])),
+        )
 
     def oldest_open_transaction(self, conn: sa.Connection, log: Callable[[str], None]) -> dt.datetime | None:
         """Start of the oldest open InnoDB transaction in UTC, or None (unknown or none open).
@@ -591,6 +599,8 @@ class Plan:
     row_bytes: int | None = None
     # A MySQL base table (not a view): what may take an index hint.
     base_table: bool = False
+    # The source's estimate of the table's rows (InnoDB's is approximate), where it has one.
+    row_estimate: int | None = None
 
     @property
     def window_column(self) -> sa.Column[Any] | None:
@@ -623,8 +633,15 @@ class Plan:
             return condition
         return sa.or_(condition, outside_every_window(column, cursor.kind))
 
-    def select(self, columns: Sequence[sa.ColumnElement[Any]], lo: Any, hi: Any) -> sa.Select[Any]:
-        """The window's SELECT of ``columns``.
+    def select(
+        self,
+        columns: Sequence[sa.ColumnElement[Any]],
+        lo: Any,
+        hi: Any,
+        key_range: tuple[int | None, int | None] | None = None,
+    ) -> sa.Select[Any]:
+        """The window's SELECT of ``columns``; with ``key_range``, of the rows whose (integer)
+        primary key is in [start, end) (None: unbounded), one stream of a split read.
 
         A window below the source's now with no lower bound (a first run, a full refresh) is
         the whole table but the newest rows: MySQL would still walk the cursor's index as a
@@ -634,12 +651,19 @@ class Plan:
         table; a view takes no hint).
         """
         stmt = sa.select(*columns).select_from(self.table)
+        if key_range is not None:
+            key = self.table.c[self.spec.primary_key[0]]
+            start, end = key_range
+            stmt = stmt.where(
+                *([key >= start] if start is not None else []), *([key < end] if end is not None else [])
+            )
         condition = self.where(lo, hi)
         if condition is None:
             return stmt
         stmt = stmt.where(condition)
         if (
-            self.base_table
+            key_range is None  # a stream's key range is read through the key's index
+            and self.base_table
             and lo is None
             and self.window.kind in (WindowKind.INCREMENTAL, WindowKind.FULL_REFRESH)
         ):
@@ -727,6 +751,44 @@ def resolve_bounds(
     return lo, hi, as_of
 
 
+def key_cuts(
+    conn: sa.Connection, plan: Plan, lo: Any, hi: Any, streams: int, min_rows: int
+) -> tuple[int, ...]:
+    """Where the window's read is cut into ``streams`` parallel streams (none: one stream).
+
+    A read is split on a single-column integer primary key into ranges that together hold every
+    key (the first is open below, the last open above), so each row of the window is read by
+    exactly one stream whatever the cuts. Each stream is a read of its own connection, like
+    windows read one after another: what commits meanwhile falls in a later window, as ever.
+
+    It is split only where it is known to be large, i.e. at least ``streams * min_rows``: a
+    window over the key itself (an id cursor that is the key) by its ids, a read without a lower
+    bound (a first run, a full refresh, a snapshot table) by the source's estimate of the table's
+    rows. Any other window (an incremental one over a time cursor, a backfill day) is read in
+    one stream, as is a view. The cuts are evenly spaced over the keys the window may hold.
+    """
+    spec = plan.spec
+    if streams < 2 or not plan.base_table or len(spec.primary_key) != 1:
+        return ()
+    key = plan.table.c[spec.primary_key[0]]
+    window_column = plan.window_column
+    over_key = window_column is not None and window_column.name == key.name
+    if not isinstance(key.type, sa.Integer) or (lo is not None and not over_key):
+        return ()
+    # The ends of the primary key: two lookups in its index.
+    low, high = conn.execute(sa.select(sa.func.min(key), sa.func.max(key))).one()
+    if low is None:
+        return ()
+    low, high = int(low), int(high) + 1
+    estimate = plan.row_estimate
+    if over_key:
+        low, high = max(low, lo) if lo is not None else low, min(high, hi) if hi is not None else high
+        estimate = high - low
+    if estimate is None or estimate < streams * min_rows or high - low < streams:
+        return ()
+    return tuple(low + (high - low) * i // streams for i in range(1, streams))
+
+
 def _newest_safe_id(conn: sa.Connection, plan: Plan, cap: dt.datetime) -> int | None:
     """1 + the newest id inserted before ``cap`` (None: no such row): every id below it is committed.
 
@@ -797,7 +859,7 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
         )
         for c in columns
     ]
-    average, base_table = SourceDialect(conn.dialect.name).table_facts(conn, spec)
+    average, base_table, row_estimate = SourceDialect(conn.dialect.name).table_facts(conn, spec)
     row_bytes = _row_bytes(average, columns)
     return Plan(
         spec=spec,
@@ -807,6 +869,7 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
         window=window,
         row_bytes=row_bytes,
         base_table=base_table,
+        row_estimate=row_estimate,
     )
 
 
@@ -846,12 +909,15 @@ def extract(
     arrow_url: Callable[[sa.Connection], str] | None = None,
     reconcile_deletes: bool = False,
     date_guards: bool = False,
+    streams: int = 1,
+    stream_min_rows: int = 0,
 ) -> Extraction:
     """Plans the read and returns an Extraction whose batches stream from the source.
 
     With ``arrow_url`` (a MySQL source that connectorx can reach) the Arrow-native reader
     streams the rows; otherwise the SQLAlchemy row reader does. Nothing is read from the
-    table until the batches are iterated; the window's ``hi`` is resolved then, too.
+    table until the batches are iterated; the window's ``hi`` is resolved then, too. The Arrow reader reads a large window in up to
+    ``streams`` parallel streams of at least ``stream_min_rows`` rows each (see ``key_cuts``).
     """
     with engine.connect() as conn:
         plan = plan_extraction(conn, spec, window)
@@ -883,6 +949,15 @@ def extract(
             if arrow_url is not None:
                 from datalake.arrow_reader import stream_arrow
 
+                if "cuts" not in extraction.resolved:  # a re-read keeps them
+                    extraction.resolved["cuts"] = key_cuts(conn, plan, lo, hi, streams, stream_min_rows)
+                cuts = extraction.resolved["cuts"]
+                if cuts:
+                    log(
+                        f"{spec.qualified_name}: reading in {len(cuts) + 1} streams, "
+                        f"cut on {spec.primary_key[0]} at {', '.join(map(str, cuts))}"
+                    )
+                stats.streams = len(cuts) + 1
                 url = arrow_url(conn)  # TLS as this connection's, where it was negotiated
                 conn.close()
                 stream = stream_arrow(
@@ -892,8 +967,9 @@ def extract(
                     lo,
                     hi,
                     extraction.fetch_rows,
-                    Spill(stats),
+                    stats,
                     guard_dates=guard_dates,
+                    cuts=cuts,
                 )
             else:
                 stream = stream_rows(conn, plan, lo, hi, batch_size, fetch_bytes, extraction.fetch_rows)
@@ -944,6 +1020,9 @@ SPILL_PREFIX = "datalake-spill-"
 SPILL_STALE_SECONDS = 600
 
 
+_SPILL_COUNT = threading.Lock()
+
+
 class Spill:
     """Batches the writer is not ready for yet, on local disk: one Arrow IPC file each, in order.
 
@@ -955,16 +1034,19 @@ class Spill:
     def __init__(self, stats: ExtractionStats):
         self.stats = stats
         self.directory: str | None = None
+        self.count = 0
 
     def put(self, batch: pa.RecordBatch) -> _Spilled:
         if self.directory is None:
             sweep_stale_spills()
             self.directory = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
-        path = os.path.join(self.directory, f"{self.stats.spilled_batches:09d}.arrow")
+        path = os.path.join(self.directory, f"{self.count:09d}.arrow")
+        self.count += 1
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_batch(batch)
-        self.stats.spilled_batches += 1
-        self.stats.spilled_bytes += batch.nbytes
+        with _SPILL_COUNT:  # the streams of a split read spill from their own threads
+            self.stats.spilled_batches += 1
+            self.stats.spilled_bytes += batch.nbytes
         return _Spilled(path)
 
     @staticmethod
@@ -1097,7 +1179,7 @@ class Paced:
             stop.set()
             watchdog.join()
             with self.lock:
-                _close(self.source)
+                close_source(self.source)
                 self.spill.close()
 
 
@@ -1131,7 +1213,7 @@ def prefetch(source: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.Record
             return
         finally:
             if stop.is_set():
-                _close(source)
+                close_source(source)
         hand_over(_DONE)
 
     thread = threading.Thread(target=produce, name="bronze-reader", daemon=True)
@@ -1154,7 +1236,7 @@ def _handed_out(take: Callable[[], Any]) -> Iterator[pa.RecordBatch]:
         yield item
 
 
-def _close(source: object) -> None:
+def close_source(source: object) -> None:
     close = getattr(source, "close", None)
     if close is not None:
         close()

@@ -72,6 +72,8 @@ class TableSpec(BaseModel):
     batch_size: int | None = Field(default=None, gt=0)
     # A row group (and the memory a read holds) also ends at this many bytes of Arrow data.
     batch_bytes: int | None = Field(default=None, gt=0)
+    # Parallel streams a large read of this table may use (default: DATALAKE_EXTRACT_STREAMS).
+    streams: int | None = Field(default=None, gt=0, le=16)
     null_cursor: NullCursorPolicy = NullCursorPolicy.CAPTURE
     exclude_columns: tuple[Identifier, ...] = ()
     # Asset name; defaults to the table name (set it when two schemas share a table name).

@@ -36,6 +36,11 @@ class BronzeHarness:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SCHEMA}")
             conn.exec_driver_sql(f"CREATE DATABASE {SCHEMA} CHARACTER SET utf8mb4")
 
+    @property
+    def split(self) -> bool:
+        """Whether reads that can be split are (SPLIT_READS: in three streams)."""
+        return self.extra_env.get("DATALAKE_EXTRACT_STREAM_MIN_ROWS") == "0"
+
     def sql(self, statement: str, **params: Any) -> list[tuple[Any, ...]]:
         with self.admin.connect() as conn:
             result = conn.execute(sa.text(statement), params)

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from datalake.settings import Settings, resolve_settings
 from datalake_tests.bronze_harness import BronzeHarness
-from datalake_tests.helpers import mariadb_env
+from datalake_tests.helpers import SPLIT_READS, mariadb_env
 from datalake_tests.services import (
     AzuriteServer,
     ManagedServer,
@@ -112,23 +112,29 @@ def mariadb_settings(
 
 
 def bronze_harness(
-    mariadb_server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+    mariadb_server: MariaDBServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reader: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[BronzeHarness]:
     """A fixture's harness with ``reader`` (``auto``: the Arrow reader, MySQL's default; ``rows``)."""
     # The password reaches the resource as an EnvVar, resolved from the process environment.
     monkeypatch.setenv("DATALAKE_MYSQL_PASSWORD", mariadb_server.ro_password)
-    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader=reader)
+    h = BronzeHarness(server=mariadb_server, root=tmp_path, reader=reader, extra_env=dict(env or {}))
     yield h
     h.dispose()
 
 
-@pytest.fixture(params=["arrow", "rows"])
+@pytest.fixture(params=["arrow", "arrow-split", "rows"])
 def harness(
     request: pytest.FixtureRequest,
     mariadb_server: MariaDBServer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[BronzeHarness]:
-    """Bronze runs against the session's MariaDB, once per reader (``arrow``: the default for MySQL)."""
-    reader = "auto" if request.param == "arrow" else "rows"
-    yield from bronze_harness(mariadb_server, tmp_path, monkeypatch, reader)
+    """Bronze runs against the session's MariaDB, once per reader (``arrow``: the default for
+    MySQL; ``arrow-split``: the same with every read it can split in parallel streams)."""
+    reader = "rows" if request.param == "rows" else "auto"
+    env = SPLIT_READS if request.param == "arrow-split" else None
+    yield from bronze_harness(mariadb_server, tmp_path, monkeypatch, reader, env)

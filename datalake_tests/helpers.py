@@ -56,6 +56,11 @@ def lake_env(root: Path, extra: Mapping[str, str] | None = None) -> dict[str, st
     return env
 
 
+# Every read the Arrow reader can split is split (the tables of tests are far below the default
+# rows per stream): each such window is read in three parallel streams.
+SPLIT_READS = {"DATALAKE_EXTRACT_STREAMS": "3", "DATALAKE_EXTRACT_STREAM_MIN_ROWS": "0"}
+
+
 def mariadb_env(server: MariaDBServer, root: Path, **extra: str) -> dict[str, str]:
     """Settings for a lake under ``root/lake`` that reads the test MariaDB as its read-only user.
 

@@ -19,7 +19,7 @@ from datalake.io_managers import BronzeIOManager
 from datalake.settings import BRONZE, resolve_settings
 from datalake.specs import load_registry
 from datalake.watermark import WATERMARK_KEY
-from datalake_tests.helpers import clean_environ, mariadb_env, run_cli
+from datalake_tests.helpers import SPLIT_READS, clean_environ, mariadb_env, run_cli
 from datalake_tests.services import MariaDBServer
 
 pytestmark = pytest.mark.mariadb
@@ -49,7 +49,17 @@ def _bronze_cdrs(root: Path) -> pl.DataFrame:
     )
 
 
-@pytest.mark.parametrize("reader", ["auto", "rows"])
+# Each reader; ``auto-split``: the Arrow reader with the window read in three parallel streams.
+READERS = ["auto", "auto-split", "rows"]
+
+
+def _reader_env(reader: str) -> dict[str, str]:
+    return {"DATALAKE_MYSQL_READER": reader.removesuffix("-split")} | (
+        SPLIT_READS if reader.endswith("-split") else {}
+    )
+
+
+@pytest.mark.parametrize("reader", READERS)
 def test_sigkill_after_the_write_rereads_the_window(
     v3_mariadb: Any, mariadb_server: MariaDBServer, tmp_path: Path, reader: str
 ) -> None:
@@ -58,7 +68,7 @@ def test_sigkill_after_the_write_rereads_the_window(
     source = v3_mariadb(cdr_rows=2_000)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    env = clean_environ(mariadb_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader))
+    env = clean_environ(mariadb_env(mariadb_server, tmp_path, **_reader_env(reader)))
     env["DAGSTER_HOME"] = str(home)
     today = dt.datetime.now(dt.UTC).date().isoformat()
 
@@ -70,7 +80,7 @@ def test_sigkill_after_the_write_rereads_the_window(
         key = dg.AssetKey(["bronze", "billing_cdr"])
         assert instance.get_latest_materialization_event(key) is None  # ... but nothing was committed
 
-        settings = resolve_settings(mariadb_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader))
+        settings = resolve_settings(mariadb_env(mariadb_server, tmp_path, **_reader_env(reader)))
         defs = build_definitions(settings)
         job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={key})
         import os
@@ -82,6 +92,8 @@ def test_sigkill_after_the_write_rereads_the_window(
         assert event.materialization.metadata["datalake/window_lo"].value == ""
         assert event.materialization.metadata["dagster/row_count"].value == 2_000
         assert WATERMARK_KEY in event.materialization.metadata
+        streams = event.materialization.metadata["datalake/streams"].value
+        assert streams == (3 if reader.endswith("-split") else 1)
 
         mutate(source, seed=3, round=1)
         after = job.execute_in_process(partition_key=today, instance=instance)
@@ -133,7 +145,7 @@ class _KillSourceMidStream(BronzeIOManager):
             watcher.join()
 
 
-@pytest.mark.parametrize("reader", ["auto", "rows"])
+@pytest.mark.parametrize("reader", READERS)
 def test_connection_lost_mid_stream_fails_clearly_and_leaves_nothing(
     v3_mariadb: Any,
     mariadb_server: MariaDBServer,
@@ -149,7 +161,7 @@ def test_connection_lost_mid_stream_fails_clearly_and_leaves_nothing(
         "     cursor: {column: cdr_id, kind: integer}, date_column: created_at}\n"
     )
     settings = resolve_settings(
-        mariadb_env(mariadb_server, tmp_path, DATALAKE_MYSQL_READER=reader, DATALAKE_REGISTRY=str(registry))
+        mariadb_env(mariadb_server, tmp_path, DATALAKE_REGISTRY=str(registry), **_reader_env(reader))
     )
     resources = build_resources(settings)
     resources["bronze_io_manager"] = _KillSourceMidStream(

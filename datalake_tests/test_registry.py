@@ -63,6 +63,8 @@ def test_integer_cursor_table_has_a_date_column() -> None:
         ),
         ({**GOOD, "batch_size": 0}, "batch_size", "greater than 0"),
         ({**GOOD, "batch_bytes": -1}, "batch_bytes", "greater than 0"),
+        ({**GOOD, "streams": 0}, "streams", "greater than 0"),
+        ({**GOOD, "streams": 17}, "streams", "less than or equal to 16"),
         ({**GOOD, "null_cursor": "maybe"}, "null_cursor", "capture"),
         ({**GOOD, "exclude_columns": ["invoice_id"]}, "exclude_columns", "primary-key"),
     ],

@@ -87,6 +87,9 @@ def test_prod_with_nothing_set_names_every_required_variable() -> None:
         ("DATALAKE_BRONZE_CRON", "every hour"),
         ("DATALAKE_DELETES_CRON", "61 2 * * *"),
         ("DATALAKE_SILVER_LATE_DAYS", "-1"),
+        ("DATALAKE_EXTRACT_STREAMS", "0"),
+        ("DATALAKE_EXTRACT_STREAMS", "17"),
+        ("DATALAKE_EXTRACT_STREAM_MIN_ROWS", "-1"),
     ],
 )
 def test_invalid_values_are_named(variable: str, value: str) -> None:

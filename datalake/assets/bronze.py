@@ -192,6 +192,7 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
             "datalake/cursor": f"{spec.cursor.column} ({spec.cursor.kind.value})" if spec.cursor else "",
             "datalake/batch_size": batch_size,
             "datalake/batch_bytes": batch_bytes,
+            "datalake/max_streams": spec.streams or settings.extract_streams,
         },
         tags={"datalake/source": "v3"},
     )
@@ -242,6 +243,8 @@ def build_bronze_asset(spec: TableSpec, settings: Settings) -> dg.AssetsDefiniti
                 arrow_url=v3_source.arrow_url if v3_source.reads_arrow else None,
                 reconcile_deletes=config.reconcile_deletes and spec.mode is Mode.INCREMENTAL,
                 date_guards=_needed_date_guards(context.instance, key),
+                streams=spec.streams or settings.extract_streams,
+                stream_min_rows=settings.extract_stream_min_rows,
             )
         except NotRetryable as exc:  # the registry disagrees with the source: a retry reads the same
             raise dg.Failure(str(exc), allow_retries=False) from None

@@ -169,7 +169,7 @@ def main() -> None:
         # the median run of each counts.
         runs: dict[str, list[Measure]] = {}
         for round_ in range(REPEAT):
-            for name in ("project", "connectorx", "dlt", "pandas", "raw"):
+            for name in ("project", "project-2-streams", "connectorx", "dlt", "pandas", "raw"):
                 print(f"  round {round_ + 1}/{REPEAT}: {name} ...", flush=True)
                 measure = (
                     raw_client(server, "v3_billing", "billing_cdr", pki.ca if pki else None)
@@ -216,6 +216,11 @@ def main() -> None:
             sense = _sense(key)
             ok = value >= target if sense == ">=" else value <= target
             print(f"    {key:<26} {value:8.2f}  target {sense} {target:<6} {'met' if ok else 'NOT met'}")
+        two = by["project-2-streams"]
+        print(
+            f"\n  DATALAKE_EXTRACT_STREAMS=2 (not the default): {two.rows_per_s / by['connectorx'].rows_per_s:.2f}x "
+            f"connectorx's rows/s at {two.peak_rss_mb:.0f} MB (the default: {ours.peak_rss_mb:.0f} MB)"
+        )
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / ("extract-tls.json" if pki else "extract.json")).write_text(
             json.dumps(

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 Extraction = Callable[[], int]
 
 
-def project(url: str, schema: str, table: str, out: Path) -> Extraction:
+def project(url: str, schema: str, table: str, out: Path, streams: int = 1) -> Extraction:
     """This project's bronze extraction as a user runs it: a Dagster materialization."""
     import datetime as dt
 
@@ -65,6 +65,7 @@ def project(url: str, schema: str, table: str, out: Path) -> Extraction:
             "DATALAKE_ROOT_VANGUARD_WHOLESALE": str(out / "vw"),
             "DATALAKE_EXTRACT_LAG_SECONDS": "0",
             "DATALAKE_BRONZE_MAX_RETRIES": "0",
+            "DATALAKE_EXTRACT_STREAMS": str(streams),
         }
     )
     defs = build_definitions(settings)
@@ -165,7 +166,18 @@ def pandas(url: str, schema: str, table: str, out: Path) -> Extraction:
     return run
 
 
-TOOLS = {"project": project, "connectorx": connectorx, "dlt": dlt, "pandas": pandas}
+def project_two_streams(url: str, schema: str, table: str, out: Path) -> Extraction:
+    """The same with DATALAKE_EXTRACT_STREAMS=2: the window read in two parallel streams."""
+    return project(url, schema, table, out, streams=2)
+
+
+TOOLS = {
+    "project": project,
+    "project-2-streams": project_two_streams,
+    "connectorx": connectorx,
+    "dlt": dlt,
+    "pandas": pandas,
+}
 
 
 if __name__ == "__main__":

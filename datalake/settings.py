@@ -183,7 +183,7 @@ class Settings:
     batch_bytes: int = 32 * 2**20
     # Parallel streams (source connections) the Arrow reader may read one large window in, and
     # the rows each must have at least (see datalake.extract.key_cuts).
-    extract_streams: int = 2
+    extract_streams: int = 1
     extract_stream_min_rows: int = 250_000
     # Retries of a bronze step after a source fault (connection lost, lock wait), with back-off.
     bronze_max_retries: int = 3
@@ -463,7 +463,7 @@ def resolve_settings(environ: Mapping[str, str] | None = None) -> Settings:
         extract_lag_seconds=lag,
         batch_size=parse_int("DATALAKE_BATCH_SIZE", 50_000),
         batch_bytes=parse_int("DATALAKE_BATCH_BYTES", 32 * 2**20),
-        extract_streams=parse_int("DATALAKE_EXTRACT_STREAMS", 2, maximum=16),
+        extract_streams=parse_int("DATALAKE_EXTRACT_STREAMS", 1, maximum=16),
         extract_stream_min_rows=parse_int("DATALAKE_EXTRACT_STREAM_MIN_ROWS", 250_000, minimum=0),
         registry_path=registry_path,
         bronze_cron=parse_cron("DATALAKE_BRONZE_CRON", "15 * * * *"),

@@ -64,6 +64,7 @@ from datalake.extract import (
     Spill,
     close_source,
     string_array,
+    tinyint1_as_boolean,
 )
 
 # pyarrow.compute's kernels are generated at import time; type checkers cannot see them.
@@ -125,13 +126,16 @@ def _select_sql(column: sa.Column[Any], quoted: str, arrow: pa.DataType, *, guar
 
 
 def _restore(
-    array: pa.Array | pa.ChunkedArray, arrow: pa.DataType, labels: pa.Array | None = None
+    array: pa.Array | pa.ChunkedArray, arrow: pa.DataType, labels: pa.Array | None, where: str
 ) -> pa.Array:
-    """The declared type from what the reader carried (``labels``: an ENUM read as its index)."""
+    """The declared type from what the reader carried (``labels``: an ENUM read as its index;
+    ``where``: the column, for errors)."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     if labels is not None:
         return pc.take(labels, array).cast(arrow)
+    if pa.types.is_boolean(arrow):  # TINYINT(1), which connectorx reads as its number
+        return tinyint1_as_boolean(array, where)
     if pa.types.is_duration(arrow):
         return pc.cast(array.cast(pa.int64()), arrow)
     if array.type != arrow:
@@ -214,6 +218,7 @@ def stream_arrow(
     sqls = [statement(dialect, plan, lo, hi, guard_dates=guard_dates, key_range=r) for r in ranges]
     types = [plan.schema.field(c.name).type for c in plan.columns]
     labels = [None if (e := enum_labels(c)) is None else string_array(e) for c in plan.columns]
+    names = [f"{plan.spec.qualified_name}.{c.name}" for c in plan.columns]
     password = _password(url)
     readers: list[Any] = []
     streams: list[Iterator[pa.RecordBatch]] = []
@@ -222,7 +227,7 @@ def stream_arrow(
             readers.append(cx.read_sql(url, sql, return_type="arrow_stream", batch_size=batch_size))
             streams.append(iter(Paced(iter(readers[-1]), READ_AHEAD_BATCHES, Spill(stats))))
         for batch in _in_turn(streams):
-            arrays = [_restore(batch.column(i), arrow, labels[i]) for i, arrow in enumerate(types)]
+            arrays = [_restore(batch.column(i), arrow, labels[i], names[i]) for i, arrow in enumerate(types)]
             zero_dates = 0
             if batch.num_columns > len(types):
                 zero_dates = pc.sum(batch.column(len(types))).as_py() or 0

@@ -114,12 +114,18 @@ class Window:
 # --- types -------------------------------------------------------------------------
 
 
-def arrow_type(column: sa.Column[Any], where: str) -> pa.DataType:
-    """Arrow type for a reflected column, from its declared SQL type."""
+def is_tinyint1(type_: sa.types.TypeEngine[Any]) -> bool:
+    """MySQL's BOOL/BOOLEAN, which is TINYINT(1) (the display width is all that sets it apart)."""
+    return isinstance(type_, mysql.TINYINT) and getattr(type_, "display_width", None) == 1
+
+
+def arrow_type(column: sa.Column[Any], where: str, tinyint1_as_bool: bool = True) -> pa.DataType:
+    """Arrow type for a reflected column, from its declared SQL type (a TINYINT(1) is bool
+    unless ``tinyint1_as_bool`` is false: then the number it holds)."""
     t = column.type
     name = type(t).__name__.upper()
     unsigned = bool(getattr(t, "unsigned", False))
-    if isinstance(t, mysql.TINYINT) and getattr(t, "display_width", None) == 1:
+    if is_tinyint1(t) and tinyint1_as_bool:
         return pa.bool_()
     if isinstance(t, mysql.BIT):
         return pa.uint64()
@@ -168,6 +174,25 @@ def arrow_type(column: sa.Column[Any], where: str) -> pa.DataType:
     ):
         return pa.binary()
     raise NotRetryable(f"{where}: unsupported source type {t!r}")
+
+
+def tinyint1_as_boolean(array: pa.Array, where: str) -> pa.Array:
+    """A TINYINT(1) column's numbers as bool. MySQL stores any TINYINT in one (BOOL is only its
+    alias): a value other than 0 or 1 would be lost as true, so it fails the read, naming the
+    column and the registry key that reads its numbers instead."""
+    if pa.types.is_boolean(array.type):
+        return array
+    # min_max, not comparisons with 0 and 1: making those scalars imports pandas (~50 MB).
+    bounds = pc.min_max(array).as_py()
+    if (bounds["min"] or 0) < 0 or (bounds["max"] or 0) > 1:
+        found = sorted({v for v in array.to_pylist() if v not in (None, 0, 1)})
+        shown = ", ".join(map(str, found[:5])) + (", …" if len(found) > 5 else "")
+        table, column = where.rsplit(".", 1)
+        raise NotRetryable(
+            f"{where}: TINYINT(1), read as a boolean, holds {shown}, which true would lose; add "
+            f"{column!r} to tinyint1_as_integer in the registry entry for {table} to read its numbers"
+        )
+    return pc.cast(array, pa.bool_())
 
 
 def _select_expression(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
@@ -553,10 +578,20 @@ def reflect(conn: sa.Connection, spec: TableSpec) -> sa.Table:
         ]
         table = sa.Table(spec.table, sa.MetaData(), *columns, schema=spec.source_schema)
     names = set(table.columns.keys())
-    for what, cols in (("primary_key", spec.primary_key), ("exclude_columns", spec.exclude_columns)):
+    for what, cols in (
+        ("primary_key", spec.primary_key),
+        ("exclude_columns", spec.exclude_columns),
+        ("tinyint1_as_integer", spec.tinyint1_as_integer),
+    ):
         missing = [c for c in cols if c not in names]
         if missing:
             raise NotRetryable(f"{spec.qualified_name}: {what} column(s) {missing} not in the source table")
+    for col in spec.tinyint1_as_integer:
+        if not is_tinyint1(table.c[col].type):
+            raise NotRetryable(
+                f"{spec.qualified_name}: tinyint1_as_integer column {col!r} is {table.c[col].type}, "
+                "not TINYINT(1) (only TINYINT(1) is read as a boolean)"
+            )
     checks = [("date_column", spec.date_column, CursorKind.TIMESTAMP)]
     if spec.cursor is not None:
         checks.insert(0, ("cursor.column", spec.cursor.column, spec.cursor.kind))
@@ -855,7 +890,9 @@ def plan_extraction(conn: sa.Connection, spec: TableSpec, window: Window) -> Pla
     fields = [
         # Only keys are NOT NULL in bronze: delete tombstones carry NULLs in every other column.
         pa.field(
-            c.name, arrow_type(c, f"{spec.qualified_name}.{c.name}"), nullable=c.name not in spec.primary_key
+            c.name,
+            arrow_type(c, f"{spec.qualified_name}.{c.name}", c.name not in spec.tinyint1_as_integer),
+            nullable=c.name not in spec.primary_key,
         )
         for c in columns
     ]
@@ -1319,12 +1356,21 @@ def stream_rows(
         stmt = plan.select([_select_expression(c) for c in plan.columns], lo, hi)
         converters = [_converter(f.type) for f in plan.schema][: len(plan.columns)]
         types = [plan.schema.field(i).type for i in range(len(plan.columns))]
+        # TINYINT(1) read as bool: its numbers, checked (see tinyint1_as_boolean).
+        checked = {
+            i: f"{plan.spec.qualified_name}.{c.name}"
+            for i, c in enumerate(plan.columns)
+            if is_tinyint1(c.type) and pa.types.is_boolean(types[i])
+        }
         result = conn.execution_options(stream_results=True).execute(stmt)
         size = first_fetch or batch_size
         while rows := result.fetchmany(size):
             arrays: list[pa.Array] = []
             zero_dates = 0
             for i, values in enumerate(zip(*rows, strict=True)):
+                if i in checked:
+                    arrays.append(tinyint1_as_boolean(pa.array(values, type=pa.int16()), checked[i]))
+                    continue
                 cleaned, zero = converters[i](list(values))
                 zero_dates += zero
                 arrays.append(pa.array(cleaned, type=types[i]))

@@ -76,6 +76,9 @@ class TableSpec(BaseModel):
     streams: int | None = Field(default=None, gt=0, le=16)
     null_cursor: NullCursorPolicy = NullCursorPolicy.CAPTURE
     exclude_columns: tuple[Identifier, ...] = ()
+    # TINYINT(1) columns read as the numbers they hold (int8/uint8), not as booleans: MySQL's BOOL
+    # is TINYINT(1), and a read as bool refuses any other value rather than store it as true.
+    tinyint1_as_integer: tuple[Identifier, ...] = ()
     # Asset name; defaults to the table name (set it when two schemas share a table name).
     name: Identifier | None = None
     description: str | None = None
@@ -85,7 +88,7 @@ class TableSpec(BaseModel):
     def _identifiers(cls, value: str | None) -> str | None:
         return None if value is None else _check_identifier(value)
 
-    @field_validator("primary_key", "exclude_columns")
+    @field_validator("primary_key", "exclude_columns", "tinyint1_as_integer")
     @classmethod
     def _identifier_lists(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for item in value:
@@ -113,6 +116,9 @@ class TableSpec(BaseModel):
             raise ValueError("exclude_columns: cannot exclude a primary-key column")
         if self.cursor is not None and self.cursor.column in excluded:
             raise ValueError("exclude_columns: cannot exclude the cursor column")
+        both = sorted(excluded & set(self.tinyint1_as_integer))
+        if both:
+            raise ValueError(f"tinyint1_as_integer: {both} also in exclude_columns (it is not read)")
         return self
 
     @property

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
+from datalake.definitions import build_definitions
 from datalake.watermark import COMPLETE_UNTIL_KEY, WATERMARK_KEY
 from datalake_tests.bronze_harness import SCHEMA, BronzeHarness, meta
 from datalake_tests.helpers import REPO
@@ -183,6 +184,67 @@ def test_type_edges_round_trip_exactly(harness: BronzeHarness) -> None:
         assert meta(materialization, "datalake/date_guards") is True
         assert meta(materialization, "datalake/passes") == 2
         assert table.num_rows == 3 and len(set(table.column("id").to_pylist())) == 3
+
+
+def test_a_tinyint1_holding_other_numbers_fails_naming_it_and_reads_exactly_once_listed(
+    harness: BronzeHarness,
+) -> None:
+    h = harness
+    h.sql(
+        f"""CREATE TABLE {SCHEMA}.flags (id INT PRIMARY KEY, active TINYINT(1), level TINYINT(1),
+            level_u TINYINT(1) UNSIGNED, updated_at DATETIME(6) NOT NULL)"""
+    )
+    h.sql(f"INSERT INTO {SCHEMA}.flags VALUES (1, 1, 0, 0, '2024-01-01'), (4, 1, NULL, 1, '2024-01-01')")
+    h.register(table="flags", primary_key=["id"], cursor={"column": "updated_at"})
+    first = h.read(h.run("flags"))  # 0 and 1 only: booleans
+    assert first.schema.field("level").type == pa.bool_()
+
+    h.sql(
+        f"""INSERT INTO {SCHEMA}.flags VALUES (2, 0, 2, 255, NOW(6)), (3, NULL, -128, NULL, NOW(6)),
+            (5, 0, 2, 7, NOW(6))"""
+    )
+    h.sql(f"UPDATE {SCHEMA}.flags SET level = 3, updated_at = NOW(6) WHERE id = 4")
+    time.sleep(0.05)
+    key = dg.AssetKey(["bronze", "flags"])
+    committed = h.instance.get_latest_materialization_event(key)
+
+    def refused(match: str) -> None:
+        with pytest.raises(Exception, match=match):
+            h.run("flags")
+        assert h.instance.get_latest_materialization_event(key) == committed  # watermark unmoved
+        assert len(list((h.root / "lake" / "bronze" / "flags").rglob("*.parquet"))) == 1  # no new file
+
+    # Read as booleans, -128, 2 and 3 would all be true: the read fails, naming the column and
+    # the key (read in streams, the first batch to fail may hold only some of the values).
+    holds = r"TINYINT\(1\), read as a boolean, holds (-?\d+, )*-?\d+, which true would lose"
+    refused(rf"edge_test\.flags\.level: {holds}; add 'level' to tinyint1_as_integer")
+    h.tables[-1]["tinyint1_as_integer"] = ["level"]
+    refused(rf"edge_test\.flags\.level_u: {holds}; add 'level_u'")
+    h.tables[-1]["tinyint1_as_integer"] = ["id"]
+    refused(r"tinyint1_as_integer column 'id' is INTEGER, not TINYINT\(1\)")
+    h.tables[-1]["tinyint1_as_integer"] = ["levels"]
+    refused(r"tinyint1_as_integer column\(s\) \['levels'\] not in the source table")
+
+    h.tables[-1]["tinyint1_as_integer"] = ["level", "level_u"]
+    table = h.read(h.run("flags"))
+    assert table.schema.field("active").type == pa.bool_()  # 0/1 only: still a boolean
+    assert table.schema.field("level").type == pa.int8()
+    assert table.schema.field("level_u").type == pa.uint8()
+    # Silver reads the boolean file and the numbers' together by name: the current rows, exact.
+    silver_key = dg.AssetKey(["silver", "flags_current"])
+    job = build_definitions(h.settings()).resolve_implicit_global_asset_job_def()
+    result = job.get_subset(asset_selection={silver_key}).execute_in_process(instance=h.instance)
+    current = pq.read_table(
+        str(result.get_asset_materialization_events()[0].materialization.metadata["dagster/uri"].value)
+    )
+    rows = sorted(current.select(["id", "active", "level", "level_u"]).to_pylist(), key=lambda r: r["id"])
+    assert [(r["id"], r["active"], r["level"], r["level_u"]) for r in rows] == [
+        (1, True, 0, 0),  # from the boolean file: false and true read as 0 and 1
+        (2, False, 2, 255),
+        (3, None, -128, None),
+        (4, True, 3, 1),
+        (5, False, 2, 7),
+    ]
 
 
 def test_dates_of_year_zero_are_dates_not_zero_dates(harness: BronzeHarness) -> None:
@@ -868,10 +930,7 @@ def test_a_scheduled_run_executing_after_midnight_is_its_tick_days_incremental_r
 ) -> None:
     """The 23:15 tick's run waits (for the V3 pool, a free run slot) until after midnight: it is
     still that day's incremental run — not a stateless re-read of the whole past day."""
-    import dagster as dg
-
     from datalake.assets.bronze import SCHEDULED_DAY_TAG
-    from datalake.definitions import build_definitions
 
     h = harness
     _events(h)

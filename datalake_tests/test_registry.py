@@ -67,6 +67,13 @@ def test_integer_cursor_table_has_a_date_column() -> None:
         ({**GOOD, "streams": 17}, "streams", "less than or equal to 16"),
         ({**GOOD, "null_cursor": "maybe"}, "null_cursor", "capture"),
         ({**GOOD, "exclude_columns": ["invoice_id"]}, "exclude_columns", "primary-key"),
+        ({**GOOD, "tinyint1_as_integer": ["is paid"]}, "tinyint1_as_integer", "not a plain identifier"),
+        ({**GOOD, "tinyint1_as_integer": ["paid", "paid"]}, "tinyint1_as_integer", "duplicate column"),
+        (
+            {**GOOD, "tinyint1_as_integer": ["paid"], "exclude_columns": ["paid"]},
+            "tinyint1_as_integer",
+            "also in exclude_columns",
+        ),
     ],
 )
 def test_bad_entry_names_entry_and_field(entry: dict[str, object], field: str, message: str) -> None:
